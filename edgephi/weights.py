@@ -1,0 +1,207 @@
+"""Stream tensors out of a Hugging Face checkpoint, one at a time.
+
+Only safetensors are read (pickle checkpoints are refused, never unpickled).  Each tensor is read with one
+positioned read of exactly its bytes, so the reader's resident memory is one tensor: a memory map would keep
+every page it touched counted in the process's RSS until unmapped, which defeats "peak memory ≈ one tensor".
+
+Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
+{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative
+to the end of the header.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Mapping
+
+import numpy as np
+
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors dtype -> (numpy dtype used to read the bytes, bytes per element)
+_DTYPES: dict[str, tuple[np.dtype, int]] = {
+    "F32": (np.dtype("<f4"), 4),
+    "F16": (np.dtype("<f2"), 2),
+    "BF16": (np.dtype("<u2"), 2),  # read as raw bits, widened to float32 below
+    "F64": (np.dtype("<f8"), 8),
+}
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, corrupt, or does not match its config.json."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str  # safetensors dtype: F32, F16, BF16, F64
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset in file
+    nbytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 is the top half of a float32: widen exactly by shifting the 16 bits up."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and check one .safetensors header against the file's size."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
+                                      f"(header says {n} bytes, file has {size})")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: safetensors file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    data_start = 8 + n
+    out: dict[str, TensorInfo] = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r} in the header") from None
+        if dtype not in _DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPES)}")
+        nbytes = math.prod(shape) * _DTYPES[dtype][1]
+        if end - begin != nbytes or begin < 0:
+            raise CheckpointError(f"{path}: tensor {name!r}: offsets [{begin}, {end}] do not match "
+                                  f"shape {list(shape)} of {dtype}")
+        if data_start + end > size:
+            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
+                                  f"the file has {size}")
+        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
+    return out
+
+
+def _refuse_pickles(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(
+            f"{directory}: only pickle weights found ({', '.join(pickles)}); edgephi never unpickles files "
+            "(they can run arbitrary code). Convert them to safetensors first, e.g. with transformers: "
+            "AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out, safe_serialization=True)")
+    raise FileNotFoundError(f"{directory}: no model.safetensors, {INDEX_FILE} or *.safetensors file")
+
+
+class Checkpoint:
+    """The tensors of a checkpoint directory, indexed by name, read on demand."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"{self.directory}: checkpoint directory not found")
+        self.tensors: dict[str, TensorInfo] = {}
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            self._read_index(index)
+        else:
+            files = sorted(self.directory.glob("*.safetensors"))
+            if not files:
+                _refuse_pickles(self.directory)
+            for f in files:
+                self._add(read_header(f))
+
+    def _read_index(self, index: Path) -> None:
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: corrupt shard index ({e.__class__.__name__}: {e})") from None
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            path = self.directory / shard
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: shard listed in {index.name} is missing")
+            self._add(read_header(path))
+        for name, shard in weight_map.items():
+            if name not in self.tensors or self.tensors[name].file.name != shard:
+                raise CheckpointError(f"{self.directory / shard}: tensor {name!r} is listed in {index.name} "
+                                      f"but not stored in that shard")
+
+    def _add(self, infos: Mapping[str, TensorInfo]) -> None:
+        for name, info in infos.items():
+            if name in self.tensors:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is also in {self.tensors[name].file.name}")
+            self.tensors[name] = info
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise KeyError(f"{self.directory}: no tensor {name!r} in the checkpoint") from None
+
+    def read(self, name: str, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
+        """One tensor, read from disk now (bf16 widened exactly; dtype=None keeps F32/F16 as stored)."""
+        info = self.info(name)
+        np_dtype, _ = _DTYPES[info.dtype]
+        with open(info.file, "rb") as f:
+            f.seek(info.offset)
+            buf = f.read(info.nbytes)
+        if len(buf) != info.nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape(info.shape)
+        if info.dtype == "BF16":
+            arr = bf16_to_f32(arr)
+        if dtype is not None and arr.dtype != np.dtype(dtype):
+            arr = arr.astype(dtype)
+        elif not arr.flags.writeable:
+            arr = arr.copy()
+        return arr
+
+    def check(self, spec) -> None:
+        """Every tensor the spec needs is present with the shape config.json implies."""
+        expected = spec.tensor_shapes()
+        for name, shape in expected.items():
+            if name not in self.tensors:
+                raise CheckpointError(f"{self.directory}: tensor {name!r} is missing (config.json says "
+                                      f"{spec.model_type} with {spec.num_hidden_layers} layers)")
+            info = self.tensors[name]
+            if info.shape != shape:
+                raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
+                                      f"config.json implies {list(shape)}")
+
+    @property
+    def dtypes(self) -> set[str]:
+        return {t.dtype for t in self.tensors.values()}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+def iter_tensors(directory: str | os.PathLike, names: list[str] | None = None,
+                 dtype: np.dtype | str | None = np.float32) -> Iterator[tuple[str, Callable[[], np.ndarray]]]:
+    """(name, thunk) for each tensor, in file order; calling the thunk reads that tensor only."""
+    ckpt = Checkpoint(directory)
+    order = names if names is not None else sorted(ckpt.tensors, key=lambda n: (str(ckpt.tensors[n].file),
+                                                                                ckpt.tensors[n].offset))
+    for name in order:
+        yield name, (lambda n=name: ckpt.read(n, dtype))

@@ -1,0 +1,1 @@
+"""Exporters: one module per format, registered by decorator (see registry.py)."""
