@@ -1,0 +1,385 @@
+"""Tokenizer for exported bundles and Hugging Face checkpoints: tokenizer.json (``tokenizers``) or tokenizer.model
+(``sentencepiece``), special / added tokens, stop ids, chat template (sandboxed Jinja) and an exact incremental
+detokenizer. Runtime module: no torch, no transformers.
+
+Both backends encode and decode alike: added tokens (``<|user|>``…) are split out of the text first and each
+remaining segment is encoded on its own (as ``tokenizers`` does), and decoding follows the Llama/Phi-3
+tokenizer.json decoder chain (Replace "▁"→" ", ByteFallback, Fuse, Strip one leading space).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+BACKENDS = ("tokenizers", "sentencepiece")
+ROLES = ("system", "user", "assistant")
+# Tokens that end a turn in Phi-3 chat releases (eos differs between releases: 32000, 32007; some emit 32001).
+CHAT_STOP_TOKENS = ("<|endoftext|>", "<|end|>", "<|assistant|>")
+# Phi-3-mini-4k-instruct's published template; used when a checkpoint ships none.
+PHI3_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_SPM_SPACE = "\u2581"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _token_str(value) -> str | None:
+    """tokenizer_config.json writes special tokens as a string or as an AddedToken dict."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def spm_decode(pieces: list[str]) -> str:
+    """The Llama/Phi-3 decoder chain on pieces: "▁"→" ", runs of <0xNN> pieces to UTF-8 (one U+FFFD per byte
+    when a run is not valid UTF-8, like tokenizers' ByteFallback), join, strip one leading space."""
+    out: list[str] = []
+    run = bytearray()
+    n_run = 0
+    for piece in pieces:
+        m = _BYTE_PIECE.match(piece)
+        if m:
+            run.append(int(m.group(1), 16))
+            n_run += 1
+            continue
+        if n_run:
+            out.append(_bytes_text(run, n_run))
+            run, n_run = bytearray(), 0
+        out.append(piece.replace(_SPM_SPACE, " "))
+    if n_run:
+        out.append(_bytes_text(run, n_run))
+    text = "".join(out)
+    return text[1:] if text.startswith(" ") else text
+
+
+def _bytes_text(run: bytearray, n: int) -> str:
+    try:
+        return run.decode("utf-8")
+    except UnicodeDecodeError:
+        return "\ufffd" * n
+
+
+class _HFBackend:
+    name = "tokenizers"
+
+    def __init__(self, path: Path):
+        from tokenizers import Tokenizer as _Tok
+
+        try:
+            text = path.read_text(encoding="utf-8")
+            json.loads(text)
+            self.tok = _Tok.from_str(text)
+        except Exception as e:  # JSON/Unicode errors, and tokenizers raises a plain Exception for a bad model
+            raise ValueError(f"{path}: not a valid tokenizer.json ({e})") from e
+        self.special = frozenset(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids, skip_special_tokens: bool) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tok.id_to_token(i)
+
+    def token_to_id(self, s: str) -> int | None:
+        return self.tok.token_to_id(s)
+
+
+class _SPBackend:
+    """sentencepiece for the model pieces; added tokens (from tokenizer_config.json) handled here."""
+
+    name = "sentencepiece"
+
+    def __init__(self, path: Path, added: dict[int, tuple[str, bool]]):
+        import sentencepiece as spm
+
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"{path}: not a valid sentencepiece model ({e})") from e
+        n = self.sp.get_piece_size()
+        self.added = {i: c for i, (c, _) in added.items()}
+        self.added_ids = {c: i for i, c in self.added.items()}
+        self.special = frozenset({i for i, (_, s) in added.items() if s}
+                                 | {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)})
+        self.vocab_size = max([n] + [i + 1 for i in self.added])
+        alts = sorted(self.added_ids, key=lambda c: (-len(c), c))
+        self.split_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
+
+    def encode(self, text: str) -> list[int]:
+        if self.split_re is None:
+            return self.sp.encode(text)
+        ids: list[int] = []
+        for k, seg in enumerate(self.split_re.split(text)):
+            if k % 2:
+                ids.append(self.added_ids[seg])
+            elif seg:
+                ids.extend(self.sp.encode(seg))
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool) -> str:
+        pieces = []
+        for i in ids:
+            i = int(i)
+            if skip_special_tokens and i in self.special:
+                continue
+            piece = self.id_to_token(i)
+            if piece is None:
+                raise ValueError(f"token id {i} out of range: vocab_size is {self.vocab_size}")
+            pieces.append(piece)
+        return spm_decode(pieces)
+
+    def id_to_token(self, i: int) -> str | None:
+        if i in self.added:
+            return self.added[i]
+        return self.sp.id_to_piece(i) if 0 <= i < self.sp.get_piece_size() else None
+
+    def token_to_id(self, s: str) -> int | None:
+        if s in self.added_ids:
+            return self.added_ids[s]
+        i = self.sp.piece_to_id(s)
+        return None if self.sp.is_unknown(i) and s != self.sp.id_to_piece(i) else i
+
+
+class Tokenizer:
+    """Encode / decode / chat template for one tokenizer directory. Build with :meth:`from_dir`."""
+
+    def __init__(self, backend, config: dict, generation_config: dict, path: Path):
+        self._b = backend
+        self.path = path
+        self.config = config
+        self.backend = backend.name
+        self.vocab_size: int = backend.vocab_size
+        self.special_ids: frozenset[int] = backend.special
+        self.bos_token = _token_str(config.get("bos_token"))
+        self.eos_token = _token_str(config.get("eos_token"))
+        self.bos_id = self._id_or_none(self.bos_token)
+        gen_eos = generation_config.get("eos_token_id")
+        gen_eos = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        if any(not isinstance(i, int) for i in gen_eos):
+            raise ValueError(f"{path}/generation_config.json: eos_token_id must be an int or a list of ints, "
+                             f"got {generation_config.get('eos_token_id')!r}")
+        self.eos_id = self._id_or_none(self.eos_token)
+        if self.eos_id is None and gen_eos:
+            self.eos_id = gen_eos[0]
+        chat_stops = {self.token_to_id(t) for t in CHAT_STOP_TOKENS}
+        self.stop_ids: frozenset[int] = frozenset(
+            i for i in set(gen_eos) | {self.eos_id} | chat_stops if i is not None)
+        add_bos = config.get("add_bos_token")
+        if add_bos is None and backend.name == "tokenizers" and self.bos_id is not None:
+            # no flag: follow tokenizer.json's post-processor
+            add_bos = backend.tok.encode("a", add_special_tokens=True).ids[:1] == [self.bos_id]
+        self.add_bos_token = bool(add_bos) and self.bos_id is not None
+        self.add_eos_token = bool(config.get("add_eos_token")) and self.eos_id is not None
+        self.chat_template = _find_template(config, path)
+
+    # ---------------------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_dir(cls, path, prefer: str | None = None) -> "Tokenizer":
+        """Load from a directory holding tokenizer.json and/or tokenizer.model (+ tokenizer_config.json,
+        generation_config.json). ``prefer``: None (tokenizer.json first), "tokenizers" or "sentencepiece"."""
+        path = Path(path)
+        if prefer not in (None,) + BACKENDS:
+            raise ValueError(f"prefer={prefer!r}: expected one of {(None,) + BACKENDS}")
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: not a directory (looked for {', '.join(TOKENIZER_FILES)})")
+        wanted = {"tokenizers": ("tokenizer.json",), "sentencepiece": ("tokenizer.model",)}.get(prefer,
+                                                                                              TOKENIZER_FILES)
+        found = [name for name in wanted if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: no tokenizer file (looked for {', '.join(wanted)})")
+        cfg_path, gen_path = path / "tokenizer_config.json", path / "generation_config.json"
+        config = _read_json(cfg_path) if cfg_path.is_file() else {}
+        gen = _read_json(gen_path) if gen_path.is_file() else {}
+        if found[0] == "tokenizer.json":
+            backend = _HFBackend(path / "tokenizer.json")
+        else:
+            backend = _SPBackend(path / "tokenizer.model", _added_tokens(config, path))
+        log.debug("tokenizer %s: %s backend, vocab %d", path, backend.name, backend.vocab_size)
+        return cls(backend, config, gen, path)
+
+    def _id_or_none(self, token: str | None) -> int | None:
+        return None if token is None else self.token_to_id(token)
+
+    # ------------------------------------------------------------------------------------ encode / decode
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        """Token ids of ``text``; special tokens written in the text (``<|user|>``) become their ids. With
+        ``add_special_tokens`` BOS (EOS) is added when tokenizer_config.json says add_bos_token (add_eos_token)."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        ids = list(self._b.encode(text))
+        if add_special_tokens:
+            ids = [self.bos_id] * self.add_bos_token + ids + [self.eos_id] * self.add_eos_token
+        return ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._b.decode([int(i) for i in ids], skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self._b.id_to_token(int(i))
+
+    def token_to_id(self, s: str) -> int | None:
+        return self._b.token_to_id(s)
+
+    def is_byte_token(self, i: int) -> bool:
+        """True for a byte-fallback piece (``<0xE2>``)."""
+        piece = self.id_to_token(i)
+        return piece is not None and _BYTE_PIECE.match(piece) is not None
+
+    def detokenizer(self, skip_special_tokens: bool = False) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------------------------------ chat
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """Render the checkpoint's chat template (or Phi-3's when it has none) in a sandboxed Jinja env."""
+        _check_messages(messages)
+        template = _compile_template(self.chat_template or PHI3_CHAT_TEMPLATE)
+        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({str(self.path)!r}, backend={self.backend!r}, vocab_size={self.vocab_size})"
+
+
+def _added_tokens(config: dict, path: Path) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) from tokenizer_config.json's added_tokens_decoder and added_tokens.json."""
+    added: dict[int, tuple[str, bool]] = {}
+    extra = path / "added_tokens.json"
+    if extra.is_file():
+        for content, i in _read_json(extra).items():
+            added[int(i)] = (content, True)
+    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        content = _token_str(entry)
+        if content is None or not str(key).isdigit():
+            raise ValueError(f"{path}/tokenizer_config.json: added_tokens_decoder[{key!r}] is not "
+                             f"{{id: {{'content': str, ...}}}}")
+        added[int(key)] = (content, bool(entry.get("special", True)))
+    return added
+
+
+def _find_template(config: dict, path: Path) -> str | None:
+    tpl = config.get("chat_template")
+    if isinstance(tpl, list):  # [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in tpl if isinstance(t, dict)}
+        tpl = named.get("default")
+    if tpl is None and (path / "chat_template.jinja").is_file():
+        tpl = (path / "chat_template.jinja").read_text(encoding="utf-8")
+    if tpl is not None and not isinstance(tpl, str):
+        raise ValueError(f"{path}/tokenizer_config.json: chat_template must be a string, got {type(tpl).__name__}")
+    return tpl
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)):
+        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError(f"messages[{k}]: needs 'role' and 'content' keys, got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise ValueError(f"messages[{k}]: unknown role {m['role']!r}; allowed: {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise ValueError(f"messages[{k}]: content must be a str, got {type(m['content']).__name__}")
+
+
+def _raise_exception(message):
+    raise ValueError(f"chat template: {message}")
+
+
+@lru_cache(maxsize=8)
+def _compile_template(source: str):
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
+    env.globals["raise_exception"] = _raise_exception
+    try:
+        return env.from_string(source)
+    except TemplateError as e:
+        raise ValueError(f"chat_template does not compile: {e}") from e
+
+
+class StreamingDetokenizer:
+    """Incremental decoding: ``add(id)`` returns the newly completed text, ``flush()`` the rest; the pieces
+    concatenate to exactly ``tokenizer.decode(ids)``.
+
+    Keeps the ids and decodes a short window (prefix offset .. end, as text-generation-inference does), so
+    SentencePiece's leading-space rule and byte-level merges behave as in a full decode. Text is held back
+    while it ends in U+FFFD (an incomplete UTF-8 sequence) or the last token is a byte-fallback piece (a
+    following byte piece may still change how the run decodes).
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self.reset()
+
+    def reset(self) -> None:
+        self.ids: list[int] = []
+        self._prefix = 0  # start of the decode window
+        self._read = 0  # ids before this have been emitted
+        self._prefix_text = ""  # decode(ids[_prefix:_read])
+        self._segments: list[str] = []
+
+    @property
+    def text(self) -> str:
+        """Everything returned so far."""
+        return "".join(self._segments)
+
+    def add(self, token_id: int) -> str:
+        token_id = int(token_id)
+        if self._skip and token_id in self._tok.special_ids:
+            return ""  # skipped tokens vanish from decode(skip_special_tokens=True) before its decoder runs
+        self.ids.append(token_id)
+        if self._tok.is_byte_token(token_id):
+            return ""
+        new = self._decode(self.ids[self._prefix:])
+        if len(new) <= len(self._prefix_text) or new.endswith("\ufffd") or not new.startswith(self._prefix_text):
+            return ""
+        return self._emit(new)
+
+    def flush(self) -> str:
+        """The text still held back (call once the stream ends)."""
+        if self._read == len(self.ids):
+            return ""
+        new = self._decode(self.ids[self._prefix:])
+        if not new.startswith(self._prefix_text):  # cannot happen with the decoders above; stay exact anyway
+            full = self._decode(self.ids)
+            out = full[len(self.text):]
+            self._segments.append(out)
+            self._prefix, self._read, self._prefix_text = len(self.ids), len(self.ids), ""
+            return out
+        return self._emit(new)
+
+    def _emit(self, new: str) -> str:
+        out = new[len(self._prefix_text):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self._prefix_text = self._decode(self.ids[self._prefix:self._read])
+        self._segments.append(out)
+        return out
+
+    def _decode(self, ids) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
