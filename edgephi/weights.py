@@ -205,3 +205,47 @@ def iter_tensors(directory: str | os.PathLike, names: list[str] | None = None,
                                                                                 ckpt.tensors[n].offset))
     for name in order:
         yield name, (lambda n=name: ckpt.read(n, dtype))
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits with round-to-nearest-even (as torch's .to(torch.bfloat16) does)."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+_WRITE_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": None}
+
+
+def save_safetensors(path: str | os.PathLike, shapes: Mapping[str, tuple[int, ...]],
+                     make: Callable[[str], np.ndarray], dtype: str = "F32",
+                     metadata: Mapping[str, str] | None = None) -> Path:
+    """Write a .safetensors file tensor by tensor: make(name) is called once per tensor, in order.
+
+    The header is computed from the shapes first, so only one tensor is in memory at a time; the file is
+    written to a temporary name and renamed into place.
+    """
+    if dtype not in _WRITE_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose from {', '.join(_WRITE_DTYPES)}")
+    itemsize = _DTYPES[dtype][1]
+    header: dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
+    offset = 0
+    for name, shape in shapes.items():
+        n = math.prod(shape) * itemsize
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name, shape in shapes.items():
+            arr = np.asarray(make(name), dtype=np.float32)
+            if arr.shape != tuple(shape):
+                raise ValueError(f"{path}: tensor {name!r} made with shape {arr.shape}, header says {tuple(shape)}")
+            data = f32_to_bf16_bits(arr) if dtype == "BF16" else arr.astype(_WRITE_DTYPES[dtype])
+            f.write(np.ascontiguousarray(data).tobytes())
+    os.replace(tmp, path)
+    return path

@@ -15,6 +15,8 @@ from typing import Any, Callable
 EXPORTERS: dict[str, Callable[..., "FormatResult"]] = {}
 # which bit widths each format accepts (filled in by register)
 BITS: dict[str, tuple[int, ...]] = {}
+# the Python modules each format needs to export (checked before a default export picks its formats)
+REQUIRES: dict[str, tuple[str, ...]] = {"onnx": ("onnx",), "gguf": ("gguf", "llama_cpp"), "coreml": ("coremltools",)}
 
 
 @dataclass
@@ -46,6 +48,12 @@ def load_all() -> None:
         except ModuleNotFoundError as e:
             if e.name != f"edgephi.export.{mod}":
                 raise
+
+
+def missing_modules(name: str) -> list[str]:
+    import importlib.util
+
+    return [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
 
 
 def get(name: str) -> Callable[..., FormatResult]:

@@ -1,0 +1,263 @@
+"""The edgephi command line: a table of subcommands, each calling the API function with the same arguments."""
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import os
+import sys
+
+from . import __version__
+
+log = logging.getLogger("edgephi")
+EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPT = 1, 2, 130
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+def _progress_factory(quiet: bool):
+    if quiet:
+        return None
+    from tqdm import tqdm
+
+    def factory(fmt: str, total: int):
+        bar = tqdm(total=total, desc=f"{fmt:>6}", unit="tensor", leave=True, file=sys.stderr)
+
+        def progress(done: int, total_: int) -> None:
+            bar.total = total_
+            bar.n = done
+            bar.refresh()
+            if done >= total_:
+                bar.close()
+
+        return progress
+
+    return factory
+
+
+def cmd_export(args) -> int:
+    from edgephi.export.bundle import DEFAULT_FORMATS, export_bundle
+
+    bits = 4 if args.q4 else args.bits
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip()) if args.format else DEFAULT_FORMATS
+    options = {}
+    if args.gguf_quant:
+        options.setdefault("gguf", {})["quant"] = args.gguf_quant
+    if args.onnx_asym:
+        options.setdefault("onnx", {})["symmetric"] = False
+    out, manifest = export_bundle(args.model, args.output, formats=formats, bits=bits, force=args.force,
+                                  options=options, progress=_progress_factory(args.quiet))
+    print(f"\nbundle: {out}")
+    print(f"{'format':<8}{'file':<44}{'size':>10}{'bits/weight':>13}{'time':>9}")
+    for fmt, e in manifest.formats.items():
+        print(f"{fmt:<8}{e.entry:<44}{_size(e.nbytes):>10}{manifest.bits_per_weight(fmt):>13.2f}{e.seconds:>8.1f}s")
+    return 0
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------------
+def _gen_kwargs(args) -> dict:
+    return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                min_p=args.min_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+                stop=tuple(args.stop or ()))
+
+
+def _load(args):
+    import edgephi
+
+    opts = {}
+    if args.threads:
+        opts["threads"] = args.threads
+    if getattr(args, "ctx", None):
+        opts["n_ctx"] = args.ctx
+    model = edgephi.load(args.bundle, device=args.device, format=args.format, **opts)
+    if args.verbose:
+        print(f"backend: {model.backend} on {model.device} ({model.format})\n{model.choice.explain()}",
+              file=sys.stderr)
+    return model
+
+
+def _stats(r, evaluated: int) -> str:
+    return (f"[{r.generation_tokens} tokens, {r.generation_tps:.1f} tok/s, ttft {r.ttft * 1000:.0f} ms, "
+            f"prompt {evaluated} tokens at {r.prompt_tps:.1f} tok/s, {r.finish_reason}]")
+
+
+def cmd_run(args) -> int:
+    model = _load(args)
+    kwargs = _gen_kwargs(args)
+    if args.raw or not model.tokenizer.chat_template:
+        responses = model.stream(args.prompt, **kwargs)
+    else:
+        responses = model.chat(args.prompt, system=args.system, **kwargs)
+    last = None
+    for r in responses:
+        sys.stdout.write(r.text)
+        sys.stdout.flush()
+        last = r
+    sys.stdout.write("\n")
+    if args.verbose and last is not None:
+        print(_stats(last, last.prompt_tokens), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from edgephi.backends.base import ContextFullError
+
+    model = _load(args)
+    kwargs = _gen_kwargs(args)
+    print(f"edgephi {__version__} · {model.path} · {model.backend} on {model.device} · context "
+          f"{model.session.n_ctx} tokens\n/reset starts over, /exit quits, Ctrl-C stops an answer.", flush=True)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit", "/bye"):
+            return 0
+        if line == "/reset":
+            model.reset()
+            print("[conversation reset]", flush=True)
+            continue
+        last = None
+        try:
+            for r in model.chat(line, system=args.system, **kwargs):
+                sys.stdout.write(r.text)
+                sys.stdout.flush()
+                last = r
+            print(flush=True)
+            if last is not None:
+                print(_stats(last, last.prompt_tokens), flush=True)
+        except KeyboardInterrupt:
+            print("\n[stopped]", flush=True)
+        except ContextFullError as e:
+            model.messages = model.messages[:-2]  # drop the turn that did not fit
+            print(f"\n[{e}; /reset starts a new conversation]", flush=True)
+
+
+# ---- inspection ---------------------------------------------------------------------------------------------------
+def cmd_info(args) -> int:
+    from edgephi.manifest import Manifest
+
+    m = Manifest.load(args.bundle)
+    s = m.spec
+    print(f"bundle      {args.bundle}\nmodel       {m.source.get('model')} ({s.model_type}, "
+          f"{s.n_params / 1e9:.3f} B parameters)\nlayers      {s.num_hidden_layers} × hidden {s.hidden_size}, "
+          f"heads {s.num_attention_heads}/{s.num_key_value_heads} kv, head_dim {s.head_dim}, rotary {s.rotary_dim}")
+    print(f"context     {m.context_length} tokens" + (f", sliding window {s.effective_sliding_window}"
+                                                     if s.effective_sliding_window else "")
+          + (", LongRoPE" if s.rope_scaling else ""))
+    print(f"stop ids    {m.stop_ids}\nexported    {m.created} by edgephi {m.edgephi_version}")
+    for fmt, e in m.formats.items():
+        print(f"{fmt:<11} {e.entry}  {e.quant}  {_size(e.nbytes)}  {m.bits_per_weight(fmt):.2f} bits/weight")
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from edgephi.devices import probe
+    from edgephi.select import availability
+
+    p = probe()
+    print(f"machine: {p.system} {p.machine}, {p.cpu_count} CPUs; onnxruntime providers: {', '.join(p.ort_providers)}")
+    for backend, device, why in availability(p):
+        print(f"  {device:<6} {backend:<9} {'available' if why is None else 'unavailable: ' + why}")
+    return 0
+
+
+# ---- the table ----------------------------------------------------------------------------------------------------
+def _add_gen_flags(p, bundle_required: bool) -> None:
+    p.add_argument("bundle", nargs=None if bundle_required else "?", default=None,
+                   help="bundle directory from `edgephi export` (default: the built-in model)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "npu", "metal", "cuda"])
+    p.add_argument("--format", default=None, choices=["onnx", "gguf", "coreml"], help="force one format")
+    p.add_argument("--system", default=None, help="system message")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: physical cores)")
+    p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's, capped)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgephi", description="Export and run Phi models on your own device.")
+    ap.add_argument("--version", action="version", version=f"edgephi {__version__}")
+    ap.add_argument("-v", "--verbose", action="store_true", help="log the backend choice and tracebacks")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a Phi checkpoint to one bundle (ONNX, GGUF, Core ML)")
+    p.add_argument("model", help="alias (phi-3-mini, phi-2, …, default), local directory or Hugging Face repo id")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--q4", action="store_true", help="4-bit weights (the default)")
+    g.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
+    p.add_argument("--format", default=None, help="comma-separated subset of onnx,gguf,coreml (default: all)")
+    p.add_argument("-o", "--output", default=None, help="bundle directory (default: ./<model>-edgephi-q4)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.add_argument("--gguf-quant", default=None, choices=["q4_k_m", "q4_0", "q8_0", "f16", "bf16"])
+    p.add_argument("--onnx-asym", action="store_true", help="asymmetric int4 (zero points) for ONNX")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns")
+    _add_gen_flags(p, bundle_required=False)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("run", help="print one answer to stdout")
+    _add_gen_flags(p, bundle_required=False)
+    p.add_argument("-p", "--prompt", required=True)
+    p.add_argument("--raw", action="store_true", help="complete the prompt as is, without the chat template")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("info", help="describe a bundle")
+    p.add_argument("bundle")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("devices", help="list every backend and device: available, or why not")
+    p.set_defaults(func=cmd_devices)
+    return ap
+
+
+def _one_line(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        return f"no space left on device{' writing ' + e.filename if e.filename else ''}; nothing was kept"
+    msg = str(e) or e.__class__.__name__
+    if isinstance(e, KeyError):
+        msg = msg.strip("'\"")
+    return msg.splitlines()[0] if len(msg.splitlines()) == 1 else " ".join(msg.split())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="edgephi: %(message)s", stream=sys.stderr)
+    debug = args.verbose or os.environ.get("EDGEPHI_DEBUG")
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("\nedgephi: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPT
+    except (ValueError, KeyError, OSError, RuntimeError, NotImplementedError, ImportError) as e:
+        if debug:
+            raise
+        print(f"edgephi: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

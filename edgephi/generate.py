@@ -1,0 +1,118 @@
+"""Token generation as a generator: one token at a time over any backend's Session (KV cache inside)."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .backends.base import ContextFullError, Session
+from .sampling import LogitsProcessor, Sampler, greedy
+
+
+@dataclass
+class GenerationResponse:
+    text: str  # the new text of this step (may be "" while a UTF-8 sequence is incomplete)
+    token: int | None
+    prompt_tokens: int  # tokens evaluated for the prompt (after cache reuse)
+    generation_tokens: int
+    ttft: float  # seconds from the call to the first token
+    prompt_tps: float
+    generation_tps: float
+    peak_rss_mb: float
+    finish_reason: str | None = None  # "stop", "length", "context" or None while generating
+
+
+def peak_rss_mb() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def generate_step(prompt: Sequence[int], session: Session, sampler: Sampler = greedy,
+                  logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
+                  history: Sequence[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (token, logits) pairs.  `prompt` is evaluated after `history`, which the caller says is cached.
+
+    The generator owns the cache while it runs: on exit the cache holds history + prompt + every yielded token
+    but the last (which was never evaluated).
+    """
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    session.check_room(len(prompt))
+    tokens = list(history) + list(prompt)
+    logits = session.forward(prompt)
+    n = 0
+    while True:
+        for proc in logits_processors:
+            logits = proc(tokens, logits)
+        tok = sampler(logits)
+        yield tok, logits
+        tokens.append(tok)
+        n += 1
+        if n >= max_tokens or session.n_past + 1 > session.n_ctx:
+            return
+        logits = session.forward([tok])
+
+
+def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: Sampler = greedy,
+           logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
+           stop_ids: frozenset[int] | set[int] = frozenset(), stop_strings: Sequence[str] = (),
+           cached: Sequence[int] = ()) -> Iterator[GenerationResponse]:
+    """Stream decoded text.  `cached` is what the session's cache holds; the common prefix is reused."""
+    start = time.perf_counter()
+    keep = common_prefix(cached, prompt_ids)
+    if keep == len(prompt_ids):  # something must be evaluated to get logits
+        keep -= 1
+    session.rewind(keep)
+    new = list(prompt_ids[keep:])
+    if session.n_past + len(new) > session.n_ctx:
+        raise ContextFullError(f"the prompt needs {len(prompt_ids)} tokens; the context holds {session.n_ctx} "
+                               "(start a new conversation, or export with a longer context)")
+    detok = tokenizer.detokenizer(skip_special_tokens=True)
+    text_so_far = ""
+    n_gen, t_first, prompt_tps = 0, None, 0.0
+    finish = "length"
+    for tok, _ in generate_step(new, session, sampler, logits_processors, max_tokens, history=prompt_ids[:keep]):
+        now = time.perf_counter()
+        if t_first is None:
+            t_first = now
+            prompt_tps = len(new) / max(now - start, 1e-9)
+        if tok in stop_ids:
+            finish = "stop"
+            break
+        n_gen += 1
+        piece = detok.add(tok)
+        text_so_far += piece
+        hit = next((s for s in stop_strings if s in text_so_far), None)
+        if hit is not None:  # emit up to the stop string, not past it
+            cut = text_so_far.index(hit)
+            piece = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
+            finish = "stop"
+            yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None)
+            break
+        yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None)
+    else:
+        if n_gen < max_tokens:
+            finish = "context"
+    tail = detok.flush() if finish != "stop" else ""
+    yield _response(tail, None, len(new), n_gen, start, t_first or time.perf_counter(), prompt_tps, finish)
+
+
+def _response(text, tok, n_prompt, n_gen, start, t_first, prompt_tps, finish) -> GenerationResponse:
+    now = time.perf_counter()
+    gen_time = now - t_first
+    return GenerationResponse(text=text, token=tok, prompt_tokens=n_prompt, generation_tokens=n_gen,
+                              ttft=t_first - start, prompt_tps=prompt_tps,
+                              generation_tps=(n_gen - 1) / gen_time if n_gen > 1 and gen_time > 0 else 0.0,
+                              peak_rss_mb=peak_rss_mb(), finish_reason=finish)

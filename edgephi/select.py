@@ -1,0 +1,89 @@
+"""Pick the backend at load time: the best device this machine has, then the fastest backend for it.
+
+Every backend answers unavailable_reason(probe, device): None, or why not.  With device="auto" the devices are
+tried in DEVICE_ORDER and, for each, the backends in BACKEND_ORDER; the first that can run a format the bundle
+holds wins.  Every reason is kept so that --verbose and `edgephi devices` can show why others were passed over.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+
+from .backends.base import BACKENDS, DEVICES, Backend
+from .devices import Probe, probe as probe_this_machine
+
+DEVICE_ORDER = ("npu", "metal", "cuda", "cpu")
+# Within a device, fastest first.  CPU order from benchmarks/results (edgephi bench on a 2-core x86-64 machine):
+# see README "Which backend wins".  Accelerators: llama.cpp's Metal and CUDA kernels before ONNX Runtime's.
+BACKEND_ORDER = {
+    "npu": ("coreml", "onnx"),
+    "metal": ("llamacpp", "coreml"),
+    "cuda": ("llamacpp", "onnx"),
+    "cpu": ("llamacpp", "onnx", "coreml"),
+}
+BACKEND_MODULES = ("onnx", "llamacpp", "coreml", "qnn")
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested device or format cannot run here; the message lists what can."""
+
+
+def load_backends() -> dict[str, type[Backend]]:
+    for mod in BACKEND_MODULES:
+        try:
+            importlib.import_module(f"edgephi.backends.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"edgephi.backends.{mod}":
+                raise
+    return BACKENDS
+
+
+@dataclass
+class Choice:
+    backend: type[Backend] | None
+    device: str | None
+    considered: list[tuple[str, str, str | None]] = field(default_factory=list)  # (backend, device, reason)
+
+    def explain(self) -> str:
+        lines = []
+        for b, d, why in self.considered:
+            mark = "chosen" if self.backend is not None and (b, d) == (self.backend.name, self.device) else (
+                "available" if why is None else f"no: {why}")
+            lines.append(f"  {b:<9} {d:<6} {mark}")
+        return "\n".join(lines)
+
+
+def availability(probe: Probe | None = None, formats: tuple[str, ...] | None = None) -> list[tuple[str, str, str | None]]:
+    """(backend, device, reason or None) for every backend and device it drives."""
+    probe = probe or probe_this_machine()
+    out = []
+    for dev in DEVICE_ORDER:
+        for name in BACKEND_ORDER[dev]:
+            cls = load_backends().get(name)
+            if cls is None or dev not in cls.devices:
+                continue
+            if formats is not None and cls.format not in formats:
+                out.append((name, dev, f"the bundle has no {cls.format} model"))
+                continue
+            out.append((name, dev, cls.unavailable_reason(probe, dev)))
+    return out
+
+
+def select(formats: tuple[str, ...], device: str = "auto", format: str | None = None,
+           probe: Probe | None = None) -> Choice:
+    """Choose (backend, device) for a bundle holding `formats`."""
+    if device != "auto" and device not in DEVICES:
+        raise DeviceUnavailableError(f"unknown device {device!r}; choose from auto, {', '.join(DEVICES)}")
+    if format is not None and format not in formats:
+        raise DeviceUnavailableError(f"the bundle has no {format} model; it has {', '.join(formats)}")
+    rows = availability(probe, formats if format is None else (format,))
+    choice = Choice(None, None, rows)
+    for name, dev, why in rows:
+        if why is None and (device == "auto" or dev == device):
+            choice.backend, choice.device = load_backends()[name], dev
+            return choice
+    usable = sorted({f"{d} ({b})" for b, d, why in rows if why is None})
+    wanted = "any device" if device == "auto" else f"device {device!r}"
+    reasons = "; ".join(f"{b} on {d}: {why}" for b, d, why in rows if (device in ("auto", d)) and why)
+    raise DeviceUnavailableError(f"no backend can run this bundle on {wanted} ({reasons or 'no backend drives it'}). "
+                                 f"Available here: {', '.join(usable) or 'none'}")
