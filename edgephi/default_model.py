@@ -38,8 +38,15 @@ def cache_home() -> Path:
     return Path(os.environ.get("EDGEPHI_HOME", Path.home() / ".cache" / "edgephi"))
 
 
+def trained() -> bool:
+    """True once the trained default model ships in the package (weights beside the tokenizer)."""
+    return (DATA / "model.safetensors").is_file() and (DATA / "config.json").is_file()
+
+
 def checkpoint_dir() -> Path:
-    """The default model's Hugging Face-layout checkpoint, written on first use."""
+    """The default model's Hugging Face-layout checkpoint: the shipped trained one, else the stand-in."""
+    if trained():
+        return DATA
     out = cache_home() / f"default-model-{VERSION}"
     if (out / "model.safetensors").is_file():
         return out
@@ -73,7 +80,7 @@ def checkpoint_dir() -> Path:
 
 def default_bundle(formats: tuple[str, ...] | None = None) -> Path:
     """The default model's bundle, exported on first use with every format this machine can export."""
-    out = cache_home() / "bundles" / NAME
+    out = cache_home() / "bundles" / (NAME if trained() else f"{NAME}-{VERSION}")
     if (out / "manifest.json").is_file():
         return out
     from edgephi.export.bundle import export_bundle, exportable_formats
