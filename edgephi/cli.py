@@ -195,11 +195,18 @@ def _add_gen_flags(p, bundle_required: bool) -> None:
     p.add_argument("--ctx", type=int, default=None, help="context length to allocate (default: the model's, capped)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line, like every other error."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"edgephi: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="edgephi", description="Export and run Phi models on your own device.")
+    ap = _Parser(prog="edgephi", description="Export and run Phi models on your own device.")
     ap.add_argument("--version", action="version", version=f"edgephi {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the backend choice and tracebacks")
-    sub = ap.add_subparsers(dest="command", required=True)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("export", help="export a Phi checkpoint to one bundle (ONNX, GGUF, Core ML)")
     p.add_argument("model", help="alias (phi-3-mini, phi-2, …, default), local directory or Hugging Face repo id")
