@@ -1,0 +1,215 @@
+"""ONNX export and the onnxruntime backend against transformers, and onnxruntime-genai on the same folders.
+
+Every prompt runs past the features that switch on length: the sliding window (phi-3-mini-4k, window 48) and
+LongRoPE's short→long switch (original_max 64 for the 128k and phi-4-mini variants).
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tiny
+from edgephi.backends.base import ContextFullError
+from edgephi.backends.onnx import OnnxBackend, OnnxSession
+from edgephi.devices import Probe
+from edgephi.export.onnx import export
+from edgephi.export.onnx_quant import dequantize_int4, quantize_int4
+from edgephi.spec import PhiSpec
+from edgephi.weights import CheckpointError
+
+VARIANTS = list(tiny.VARIANTS)
+PROMPT_LEN, STEPS = 80, 12
+
+
+@pytest.fixture(scope="module")
+def onnx_export(tiny_checkpoint, tmp_path_factory):
+    """onnx_export(variant, bits, **options) -> the onnx dir (cached per module)."""
+    cache: dict = {}
+
+    def get(variant: str, bits: int, **options) -> Path:
+        key = (variant, bits, tuple(sorted(options.items())))
+        if key not in cache:
+            ckpt = tiny_checkpoint(variant)
+            out = tmp_path_factory.mktemp(f"onnx-{variant}-{bits}") / "onnx"
+            out.mkdir()
+            export(ckpt, PhiSpec.from_hf_config(ckpt), out, bits=bits, **options)
+            cache[key] = out
+        return cache[key]
+
+    return get
+
+
+def greedy(session: OnnxSession, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Same contract as tiny.reference_greedy: (tokens, logits of each step)."""
+    logits = [session.forward(prompt)]
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(logits[-1])))
+        logits.append(session.forward([out[-1]]))
+    return out, np.stack(logits[:-1])
+
+
+def rel_err(a: np.ndarray, ref: np.ndarray) -> float:
+    return float(np.abs(a - ref).max() / np.abs(ref).max())
+
+
+@pytest.mark.parametrize("bits,tol", [(32, 1e-3), (16, 2e-2)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float_export_matches_transformers(variant, bits, tol, tiny_checkpoint, reference_model, onnx_export):
+    ckpt = tiny_checkpoint(variant)
+    spec = PhiSpec.from_hf_config(ckpt)
+    prompt = tiny.random_prompt(PROMPT_LEN, spec.vocab_size)
+    ref_tokens, ref_logits = tiny.reference_greedy(reference_model(ckpt), prompt, STEPS)
+    session = OnnxSession(onnx_export(variant, bits), n_ctx=128, threads=1)
+    tokens, logits = greedy(session, prompt, STEPS)
+    assert rel_err(logits, ref_logits) <= tol
+    assert tokens == ref_tokens
+    assert session.n_past == PROMPT_LEN + STEPS
+
+
+@pytest.mark.parametrize("variant", ["phi-3-mini-128k", "phi-4-mini"])
+def test_longrope_switch_during_decode(variant, tiny_checkpoint, reference_model, onnx_export):
+    """A prompt under original_max (64) decoded past it: cached keys keep the short rotation, as transformers."""
+    ckpt = tiny_checkpoint(variant)
+    spec = PhiSpec.from_hf_config(ckpt)
+    prompt = tiny.random_prompt(58, spec.vocab_size, seed=3)
+    ref_tokens, ref_logits = tiny.reference_greedy(reference_model(ckpt), prompt, STEPS)
+    tokens, logits = greedy(OnnxSession(onnx_export(variant, 32), n_ctx=128, threads=1), prompt, STEPS)
+    assert rel_err(logits, ref_logits) <= 1e-3 and tokens == ref_tokens
+
+
+def test_rewind_and_all_logits_equal_full_recompute(tiny_checkpoint, reference_model, onnx_export):
+    ckpt = tiny_checkpoint("phi-3-mini-4k")
+    prompt = tiny.random_prompt(PROMPT_LEN, 32064, seed=5)
+    full = tiny.reference_logits(reference_model(ckpt), prompt)
+    s = OnnxSession(onnx_export("phi-3-mini-4k", 32), n_ctx=96, threads=1)
+    s.forward(prompt[:50])
+    s.forward(tiny.random_prompt(20, 32064, seed=9))  # junk that the rewind drops
+    s.rewind(30)
+    assert rel_err(s.forward(prompt[30:], all_logits=True), full[30:]) <= 1e-3
+    assert s.n_evaluated == 50 + 20 + 50
+    with pytest.raises(ContextFullError):
+        s.forward(list(range(100, 120)))
+    s.reset()
+    assert s.n_past == 0
+
+
+def dequantized_reference(ckpt: Path, spec: PhiSpec, block: int, symmetric: bool):
+    """transformers' model with every exported linear replaced by its dequantized int4 weight (fp16 embedding)."""
+    import torch
+
+    model = tiny.load_reference(ckpt)
+    qdq = lambda w: torch.from_numpy(dequantize_int4(quantize_int4(w.detach().numpy(), block, symmetric)))  # noqa: E731
+    names = (["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"] if spec.is_phi3 else
+             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"])
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for n in names:
+                lin = layer.get_submodule(n)
+                lin.weight.copy_(qdq(lin.weight))
+        emb = model.model.embed_tokens.weight
+        model.lm_head.weight = torch.nn.Parameter(qdq(emb if spec.tie_word_embeddings else model.lm_head.weight))
+        emb.copy_(emb.half().float())
+    return model
+
+
+@pytest.mark.parametrize("variant,symmetric", [(v, True) for v in VARIANTS] + [("phi-3-medium", False),
+                                                                                ("phi-2", False)])
+def test_int4_matches_dequantized_reference(variant, symmetric, tiny_checkpoint, onnx_export):
+    ckpt = tiny_checkpoint(variant)
+    spec = PhiSpec.from_hf_config(ckpt)
+    prompt = tiny.random_prompt(PROMPT_LEN, spec.vocab_size, seed=1)
+    ref_tokens, ref_logits = tiny.reference_greedy(dequantized_reference(ckpt, spec, 32, symmetric), prompt, STEPS)
+    # accuracy_level 0: MatMulNBits dequantizes to float32 and multiplies exactly, so the tolerance is tight
+    exact = onnx_export(variant, 4, symmetric=symmetric, accuracy_level=0)
+    tokens, logits = greedy(OnnxSession(exact, n_ctx=128, threads=1), prompt, STEPS)
+    assert rel_err(logits, ref_logits) <= 1e-3 and tokens == ref_tokens
+    # accuracy_level 4 (the CPU default) quantizes activations to int8 blockwise: close, not exact
+    fast = OnnxSession(onnx_export(variant, 4, symmetric=symmetric), n_ctx=128, threads=1)
+    assert rel_err(fast.forward(prompt), ref_logits[0]) <= 8e-2
+
+
+def test_quantizer_round_trip():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((70, 100)).astype(np.float32)  # K not a multiple of the block: padded
+    for sym in (True, False):
+        q = quantize_int4(w, 32, sym)
+        assert q.packed.shape == (70, 4, 16) and q.scales.shape == (70, 4)
+        err = np.abs(dequantize_int4(q) - w).reshape(-1)
+        step = np.repeat(np.abs(q.scales), 32, axis=1)[:, :100].reshape(-1)
+        # round to nearest is half a step off; the clipped side (7 steps vs 8, or a rounded zero point) one step
+        assert (err <= step + 1e-6).all() and (err <= step * 0.5 + 1e-6).mean() > 0.95
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_onnxruntime_genai_runs_the_folder(variant, tiny_checkpoint, onnx_export):
+    og = pytest.importorskip("onnxruntime_genai")
+    d = onnx_export(variant, 4)
+    spec = PhiSpec.from_hf_config(tiny_checkpoint(variant))
+    prompt = tiny.random_prompt(PROMPT_LEN, spec.vocab_size, seed=2)
+    model = og.Model(str(d))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=PROMPT_LEN + STEPS + 4, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(prompt)
+    theirs = []
+    for _ in range(STEPS):
+        gen.generate_next_token()
+        theirs.append(int(gen.get_next_tokens()[0]))
+    ours, _ = greedy(OnnxSession(d, n_ctx=128, threads=1), prompt, STEPS)
+    assert ours == theirs
+    assert (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()
+
+
+def test_optimized_graph_is_cached_and_reused(onnx_export):
+    d = onnx_export("phi-3-medium", 32)
+    OnnxSession(d, n_ctx=16, threads=1)
+    cached = sorted(d.glob("model.opt-*.onnx"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
+    assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_missing_tensor_names_the_file(tiny_checkpoint, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    src = tiny_checkpoint("phi-3-mini-4k")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    tensors = load_file(ckpt / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, ckpt / "model.safetensors")
+    (tmp_path / "onnx").mkdir()
+    with pytest.raises(CheckpointError, match=r"ckpt.*model\.layers\.1\.mlp\.down_proj\.weight"):
+        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path / "onnx", bits=4)
+
+
+def test_truncated_file_names_the_file(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("phi-2")
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(src, ckpt)
+    path = ckpt / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    (tmp_path / "onnx").mkdir()
+    with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
+        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path / "onnx", bits=32)
+
+
+def test_bad_options_are_refused(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("phi-2")
+    with pytest.raises(ValueError, match="bits=8"):
+        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path, bits=8)
+    with pytest.raises(ValueError, match="blocksize"):
+        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path, bits=4, blocksize=64)
+
+
+def test_backend_availability():
+    cpu = Probe(ort_providers=("CPUExecutionProvider",))
+    assert OnnxBackend.unavailable_reason(cpu, "cpu") is None
+    assert "CUDAExecutionProvider" in OnnxBackend.unavailable_reason(cpu, "cuda")
+    assert "qnn" in OnnxBackend.unavailable_reason(cpu, "npu")
+    assert "not installed" in OnnxBackend.unavailable_reason(Probe(ort_providers=()), "cpu")
