@@ -237,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("devices", help="list every backend and device: available, or why not")
     p.set_defaults(func=cmd_devices)
+
+    p = sub.add_parser("bench", help="measure every backend (and --peers) on a bundle or a random-weight --shape")
+    from .bench import add_arguments as _bench_arguments, cmd_bench
+
+    _bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
     return ap
 
 
