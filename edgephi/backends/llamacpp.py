@@ -1,0 +1,274 @@
+"""llama.cpp backend (llama-cpp-python's low-level API): GGUF bundles on CPU, Metal and CUDA.
+
+The session drives llama.cpp's context directly (llama_decode, llama_get_logits_ith, llama_memory_seq_*), so the KV
+cache persists between forward() calls (a chat's next turn evaluates only its new tokens), rewind() drops cache
+entries, and logits come back for the last or for every position.
+
+Two places where llama.cpp (0.3.x) and transformers differ, and what edgephi does about them:
+
+* Sliding window (Phi-3-mini/medium, 2047 tokens): llama.cpp disables Phi-3's SWA ("Phi SWA is currently disabled",
+  src/models/phi3.cpp), so past the window its output departs from transformers.  The session applies the window
+  itself (llamacpp_window.py): keys older than the window are moved out of the query sequence before each decode,
+  and prompt tokens past the window are evaluated one at a time.  Option sliding_window="exact" (default),
+  "cap" (limit the context to the window instead) or "off" (llama.cpp's behaviour: full attention).
+* LongRoPE (Phi-3-mini-128k, Phi-3.5-mini, Phi-4-mini): llama.cpp picks the long or short factors once, from the
+  context size (n_ctx > original_context_length -> long) for every position; transformers picks per call from the
+  current sequence length.  They agree once the sequence is past original_max_position_embeddings, or when the
+  session is opened with n_ctx <= original_max_position_embeddings (then both use the short factors).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..devices import physical_cores
+from .base import Backend, Session, register_backend
+from .llamacpp_window import WindowedCache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MAX_CTX = 4096  # default context cap: the KV cache of a 128k model at full length would not fit a laptop
+DEFAULT_BATCH = 512
+SLIDING_WINDOW_MODES = ("exact", "cap", "off")
+_GPU_DEVICES = ("metal", "cuda")
+
+
+# ggml_log_level (ggml.h) -> logging level.  llama.cpp's warnings go to DEBUG: the ones Phi triggers (e.g. "Phi SWA
+# is currently disabled") are handled here, and llama-cpp-python's own mapping predates the current numbering.
+_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR}
+_llama_log = logging.getLogger("edgephi.llama.cpp")
+_log_state = {"callback": None, "level": logging.DEBUG}
+
+
+def quiet_llama_logs() -> None:
+    """Send llama.cpp's log (stderr by default) to the logger "edgephi.llama.cpp" (errors at ERROR, rest DEBUG)."""
+    if _log_state["callback"] is not None:
+        return
+    import llama_cpp
+
+    @llama_cpp.llama_log_callback
+    def _callback(level: int, text: bytes, _user_data) -> None:
+        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message at its level
+            _log_state["level"] = _GGML_LEVELS.get(level, logging.DEBUG)
+        if _llama_log.isEnabledFor(_log_state["level"]):
+            _llama_log.log(_log_state["level"], "%s", text.decode("utf-8", "replace").rstrip("\n"))
+
+    _log_state["callback"] = _callback  # keep a reference: llama.cpp holds a raw pointer to it
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+def _needs_offload(probe, what: str) -> str | None:
+    if not probe.llama_gpu_offload:
+        return f"llama-cpp-python was built without {what} (reinstall it with the {what} backend enabled)"
+    return None
+
+
+# device -> checks (each returns a reason or None), run in order
+_DEVICE_CHECKS = {
+    "cpu": (),
+    "metal": (lambda p: None if p.apple_silicon else "Metal needs macOS on Apple silicon (arm64)",
+              lambda p: _needs_offload(p, "Metal")),
+    "cuda": (lambda p: None if p.cuda else "no NVIDIA GPU or driver visible",
+             lambda p: _needs_offload(p, "CUDA (CMAKE_ARGS=-DGGML_CUDA=on)")),
+}
+
+
+class LlamaCppSession(Session):
+    """One llama.cpp context on one GGUF model; sequence 0 holds the visible KV cache."""
+
+    def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
+                 sliding_window: int | None, n_batch: int = DEFAULT_BATCH):
+        import llama_cpp
+
+        quiet_llama_logs()
+        self._ll = llama_cpp
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
+        if not self._model:
+            raise ValueError(f"{model_path}: llama.cpp could not load this GGUF file (corrupt, or an architecture "
+                             f"this llama-cpp-python {llama_cpp.__version__} does not know)")
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = n_ctx
+        cparams.n_batch = cparams.n_ubatch = min(n_ctx, n_batch)
+        cparams.n_threads = cparams.n_threads_batch = n_threads
+        # one KV stream shared by sequence 0 (visible) and 1 (keys outside the sliding window, kept for rewind)
+        cparams.n_seq_max = 2 if sliding_window else 1
+        cparams.kv_unified = True
+        cparams.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+            raise RuntimeError(f"{model_path}: llama.cpp could not create a context of {n_ctx} tokens")
+        self.n_ctx = min(n_ctx, llama_cpp.llama_n_ctx(self._ctx))  # llama.cpp may round its size up
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
+        self.n_batch = min(n_ctx, n_batch)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._window = WindowedCache(llama_cpp, self._mem, sliding_window) if sliding_window else None
+        self.n_past = 0
+        self.n_evaluated = 0
+
+    # ---- decoding ----------------------------------------------------------------------------------------------
+    def _decode(self, ids: Sequence[int], pos0: int, all_logits: bool) -> np.ndarray:
+        """One llama_decode of len(ids) <= n_batch tokens at positions pos0..; logits (T or 1, V)."""
+        b, n = self._batch, len(ids)
+        b.n_tokens = n
+        for i, tok in enumerate(ids):
+            b.token[i] = int(tok)
+            b.pos[i] = pos0 + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = all_logits or i == n - 1
+        rc = self._ll.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at positions {pos0}..{pos0 + n - 1} "
+                               f"(n_ctx={self.n_ctx})")
+        rows = range(n) if all_logits else (n - 1,)
+        out = np.empty((len(rows), self.n_vocab), dtype=np.float32)
+        for r, i in enumerate(rows):
+            out[r] = np.ctypeslib.as_array(self._ll.llama_get_logits_ith(self._ctx, i), shape=(self.n_vocab,))
+        return out
+
+    def _pieces(self, n_new: int) -> list[tuple[int, int]]:
+        """(start, length) of each decode call: n_batch-sized, and single tokens where a window would be crossed."""
+        out, start = [], 0
+        while start < n_new:
+            pos = self.n_past + start
+            limit = self._window.batch_limit(pos) if self._window else self.n_batch
+            length = max(1, min(self.n_batch, limit, n_new - start))
+            out.append((start, length))
+            start += length
+        return out
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("forward() needs at least one token id")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+        self.check_room(len(ids))
+        chunks = []
+        for start, length in self._pieces(len(ids)):
+            pos = self.n_past
+            if self._window is not None:
+                self._window.before_decode(pos)
+            chunks.append(self._decode(ids[start:start + length], pos, all_logits))
+            self.n_past += length
+            self.n_evaluated += length
+        logits = np.concatenate(chunks) if all_logits else chunks[-1]
+        return logits if all_logits else logits[-1]
+
+    def rewind(self, n: int) -> None:
+        if not 0 <= n <= self.n_past:
+            raise ValueError(f"rewind({n}): the cache holds {self.n_past} tokens")
+        if n == 0:
+            self._ll.llama_memory_clear(self._mem, True)
+        else:
+            for seq in ((0, 1) if self._window else (0,)):
+                self._ll.llama_memory_seq_rm(self._mem, seq, n, -1)
+        if self._window is not None:
+            self._window.after_rewind(n)
+        self.n_past = n
+
+    def close(self) -> None:
+        if getattr(self, "_ctx", None):
+            self._ll.llama_batch_free(self._batch)
+            self._ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._ll.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown: the library may already be gone
+            pass
+
+
+def _window_and_ctx(spec, n_ctx: int, mode: str) -> tuple[int | None, int]:
+    sw = spec.effective_sliding_window if spec is not None else None
+    if sw is None or n_ctx <= sw:
+        return None, n_ctx
+    if mode == "cap":
+        log.warning("llama.cpp does not apply Phi-3's sliding window (%d tokens); context capped from %d to %d so "
+                    "that results match the model (sliding_window='exact' applies the window instead)", sw, n_ctx, sw)
+        return None, sw
+    if mode == "off":
+        log.warning("sliding_window='off': past %d tokens llama.cpp attends to the whole context, unlike the model "
+                    "as trained", sw)
+        return None, n_ctx
+    return sw, n_ctx
+
+
+@register_backend
+class LlamaCppBackend(Backend):
+    name = "llamacpp"
+    format = "gguf"
+    devices = ("metal", "cuda", "cpu")
+
+    @classmethod
+    def unavailable_reason(cls, probe: Any, device: str) -> str | None:
+        if device not in _DEVICE_CHECKS:
+            return f"llamacpp drives {', '.join(cls.devices)}, not {device!r}"
+        if not probe.has("llama_cpp"):
+            return "llama-cpp-python is not installed (pip install 'edgephi[gguf]')"
+        for check in _DEVICE_CHECKS[device]:
+            reason = check(probe)
+            if reason:
+                return reason
+        return None
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Any, device: str, *, n_ctx: int | None = None,
+             n_threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
+             **options) -> LlamaCppSession:
+        """Options: n_ctx (default: the model's context, at most 4096), n_threads (default: physical cores),
+        n_batch, sliding_window ("exact" | "cap" | "off")."""
+        if options:
+            raise ValueError(f"llamacpp backend: unknown option(s) {', '.join(sorted(options))}; "
+                             "known: n_ctx, n_threads, n_batch, sliding_window")
+        if sliding_window not in SLIDING_WINDOW_MODES:
+            raise ValueError(f"sliding_window={sliding_window!r}; choose one of {', '.join(SLIDING_WINDOW_MODES)}")
+        if device not in cls.devices:
+            raise ValueError(f"llamacpp backend: device {device!r}; choose one of {', '.join(cls.devices)}")
+        entry = manifest.formats.get("gguf") if manifest is not None else None
+        if entry is None:
+            raise ValueError(f"{bundle_dir}: the bundle has no gguf format (export it with --format gguf)")
+        path = Path(bundle_dir) / entry.entry
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: GGUF file named by manifest.json is missing")
+        model_ctx = int(manifest.context_length)
+        if n_ctx is None:
+            n_ctx = min(model_ctx, DEFAULT_MAX_CTX)
+        elif not 0 < n_ctx <= model_ctx:
+            raise ValueError(f"n_ctx={n_ctx}: must be between 1 and the model's context length {model_ctx}")
+        spec = manifest.spec
+        window, n_ctx = _window_and_ctx(spec, n_ctx, sliding_window)
+        rs = getattr(spec, "rope_scaling", None)
+        if rs is not None:
+            orig = rs.original_max_position_embeddings
+            log.info("LongRoPE: llama.cpp uses the %s factors for every position (n_ctx=%d %s original %d); "
+                     "transformers switches to the long ones once a sequence exceeds %d tokens",
+                     "long" if n_ctx > orig else "short", n_ctx, ">" if n_ctx > orig else "<=", orig, orig)
+        return LlamaCppSession(path, n_ctx=n_ctx, n_threads=n_threads or physical_cores(),
+                               n_gpu_layers=-1 if device in _GPU_DEVICES else 0, sliding_window=window,
+                               n_batch=n_batch)
+
+
+def open_gguf(path: str | Path, spec=None, *, device: str = "cpu", **options) -> LlamaCppSession:
+    """A session on a bare GGUF file (no bundle): tests and benchmarks.  spec gives the sliding window."""
+    from types import SimpleNamespace
+
+    path = Path(path)
+    ctx = spec.max_position_embeddings if spec is not None else options.pop("context_length", DEFAULT_MAX_CTX)
+    manifest = SimpleNamespace(formats={"gguf": SimpleNamespace(entry=path.name)}, context_length=ctx, spec=spec)
+    return LlamaCppBackend.open(path.parent, manifest, device, **options)

@@ -1,0 +1,162 @@
+"""GGUF tokenizer metadata (tokenizer.ggml.*) from a Hugging Face checkpoint's tokenizer files.
+
+Two llama.cpp tokenizer models cover the Phi family:
+
+* "llama" (SentencePiece BPE with byte fallback): Phi-3/3.5-mini and Phi-3-medium.  Tokens, scores and types come
+  from tokenizer.model; added tokens (tokenizer.json / tokenizer_config.json) become CONTROL (special) or
+  USER_DEFINED; ids up to vocab_size that no tokenizer file names are padded as "[PAD<i>]" UNUSED, as llama.cpp's
+  converter does (Phi-3's embedding has 32064 rows for 32011 tokens).
+* "gpt2" (byte-level BPE): Phi-1/1.5/2 (CodeGen vocabulary) and Phi-4-mini (o200k-style vocabulary).  Tokens come
+  from tokenizer.json, merges and special ids through gguf.SpecialVocab, and the pre-tokenizer name (llama.cpp's
+  regex set) is told from tokenizer.json's pre_tokenizer (PRE_TOKENIZERS below).
+
+Special token ids, add_bos/add_eos and the chat template are read by gguf.SpecialVocab (gguf-py's own reader of
+tokenizer_config.json / special_tokens_map.json / config.json).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from edgephi.spec import PhiSpec
+
+log = logging.getLogger(__name__)
+
+# gguf.TokenType values (== sentencepiece's piece types)
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+# First characters of the Split regex of GPT-4o's o200k tokenizer (Phi-4-mini ships it) -> llama.cpp's name.
+_O200K_PREFIX = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+# (what tokenizer.json's pre_tokenizer looks like, model_type) -> llama.cpp tokenizer.ggml.pre
+PRE_TOKENIZERS = {
+    ("bytelevel-gpt2-regex", "phi"): "phi-2",  # Phi-1/1.5/2: GPT-2's regex (llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2)
+    ("bytelevel-gpt2-regex", "phi3"): "gpt-2",
+    ("split-o200k", "phi3"): "gpt-4o",  # Phi-4-mini
+}
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def tokenizer_kind(ckpt_dir: Path) -> str:
+    """ "gpt2" (byte-level BPE in tokenizer.json) or "llama" (SentencePiece tokenizer.model)."""
+    tj = ckpt_dir / "tokenizer.json"
+    if tj.is_file() and _pre_tokenizer_shape(_read_json(tj).get("pre_tokenizer")) is not None:
+        return "gpt2"
+    if (ckpt_dir / "tokenizer.model").is_file():
+        return "llama"
+    if tj.is_file():
+        raise NotImplementedError(f"{tj}: neither a byte-level BPE tokenizer nor accompanied by tokenizer.model "
+                                  "(SentencePiece); edgephi's GGUF export supports those two")
+    raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model (GGUF files carry the tokenizer)")
+
+
+def _pre_tokenizer_shape(pre) -> str | None:
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "ByteLevel":
+        return "bytelevel-gpt2-regex" if pre.get("use_regex", True) else "bytelevel"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers") or []
+        for p in parts:
+            pattern = (p.get("pattern") or {}).get("Regex", "") if p.get("type") == "Split" else ""
+            if pattern.startswith(_O200K_PREFIX):
+                return "split-o200k"
+        if any(p.get("type") == "ByteLevel" for p in parts):
+            return "bytelevel-other"
+    return None
+
+
+def _added_tokens(ckpt_dir: Path) -> dict[int, tuple[str, bool]]:
+    """id -> (content, special) from tokenizer_config.json's added_tokens_decoder and tokenizer.json."""
+    out: dict[int, tuple[str, bool]] = {}
+    cfg = ckpt_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        for k, v in (_read_json(cfg).get("added_tokens_decoder") or {}).items():
+            out[int(k)] = (v["content"], bool(v.get("special")))
+    tj = ckpt_dir / "tokenizer.json"
+    if tj.is_file():
+        for v in _read_json(tj).get("added_tokens") or []:
+            out[int(v["id"])] = (v["content"], bool(v.get("special")))
+    return out
+
+
+def _spm_vocab(ckpt_dir: Path, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromFile(str(ckpt_dir / "tokenizer.model"))
+    if sp.vocab_size() > n_vocab:
+        raise ValueError(f"{ckpt_dir / 'tokenizer.model'}: {sp.vocab_size()} pieces but config.json vocab_size is "
+                         f"{n_vocab}")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-10000.0] * n_vocab
+    types = [UNUSED] * n_vocab
+    for i in range(sp.vocab_size()):
+        tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
+        types[i] = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
+                    else BYTE if sp.IsByte(i) else NORMAL)
+    for i, (content, special) in sorted(_added_tokens(ckpt_dir).items()):
+        if i >= n_vocab:
+            log.warning("%s: added token %r has id %d >= vocab_size %d; left out", ckpt_dir, content, i, n_vocab)
+            continue
+        tokens[i], scores[i], types[i] = content, -1000.0, CONTROL if special else USER_DEFINED
+    return tokens, scores, types
+
+
+def _bpe_vocab(ckpt_dir: Path, n_vocab: int) -> tuple[list[str], list[int]]:
+    tj = ckpt_dir / "tokenizer.json"
+    vocab = _read_json(tj)["model"]["vocab"]
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [UNUSED] * n_vocab
+    for tok, i in vocab.items():
+        if i >= n_vocab:
+            raise ValueError(f"{tj}: token {tok!r} has id {i} >= config.json vocab_size {n_vocab}")
+        tokens[i], types[i] = tok, NORMAL
+    for i, (content, special) in _added_tokens(ckpt_dir).items():
+        if i >= n_vocab:
+            raise ValueError(f"{tj}: added token {content!r} has id {i} >= config.json vocab_size {n_vocab}")
+        tokens[i], types[i] = content, CONTROL if special else USER_DEFINED
+    return tokens, types
+
+
+def pre_tokenizer_name(ckpt_dir: Path, spec: PhiSpec) -> str:
+    tj = ckpt_dir / "tokenizer.json"
+    shape = _pre_tokenizer_shape(_read_json(tj).get("pre_tokenizer"))
+    name = PRE_TOKENIZERS.get((shape, spec.model_type))
+    if name is None:
+        known = ", ".join(f"{s} ({m})" for s, m in PRE_TOKENIZERS)
+        raise NotImplementedError(f"{tj}: pre_tokenizer of kind {shape!r} for model_type {spec.model_type!r} has no "
+                                  f"known llama.cpp name (known: {known}); pass tokenizer_pre=<llama.cpp name>")
+    return name
+
+
+def add_vocab(writer, ckpt_dir: Path, spec: PhiSpec, tokenizer_pre: str | None = None) -> str:
+    """Add tokenizer.ggml.* to a GGUFWriter; returns the tokenizer model ("llama" or "gpt2")."""
+    import gguf
+
+    kind = tokenizer_kind(ckpt_dir)
+    n_vocab = spec.vocab_size
+    if kind == "llama":
+        tokens, scores, types = _spm_vocab(ckpt_dir, n_vocab)
+        writer.add_tokenizer_model("llama")
+        writer.add_tokenizer_pre(tokenizer_pre or "default")
+        writer.add_token_list(tokens)
+        writer.add_token_scores(scores)
+        writer.add_token_types(types)
+    else:
+        tokens, types = _bpe_vocab(ckpt_dir, n_vocab)
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer_pre or pre_tokenizer_name(ckpt_dir, spec))
+        writer.add_token_list(tokens)
+        writer.add_token_types(types)
+    special = gguf.SpecialVocab(ckpt_dir, load_merges=(kind == "gpt2"), n_vocab=n_vocab)
+    if spec.model_type == "phi" and "bos" not in special.add_special_token:
+        special.add_special_token["bos"] = False  # Phi-1/1.5/2 were trained without a BOS token
+    special.add_to_gguf(writer, quiet=True)
+    return kind
