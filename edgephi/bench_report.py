@@ -211,7 +211,8 @@ def markdown(meta: dict, subjects: list[dict], prompts: list[int], summary: dict
     best_dec, best_pre = summary["decode_tps"]["peer"], summary["prefill_tps"]["peer"]
     for s in subjects:
         if not s.get("results"):
-            lines.append(f"| {s['label']} | {s.get('file', '')} | – | – | – | – | " + " | ".join("–" for _ in prompts)
+            lines.append(f"| {s['label']} | {s.get('file', '')} | – | – | – | – | "
+                         + " | ".join("–" for _ in prompts)
                          + f" | not measured: {s.get('error', '?')} | – | – | – | – |")
             continue
         res = s["results"]
@@ -272,12 +273,13 @@ def chart(meta: dict, subjects: list[dict], prompts: list[int], path: Path) -> P
         ax.set_yticks(y, labels, fontsize=9)
         ax.set_title(title, fontsize=11)
         ax.grid(axis="x", alpha=0.3)
-        for yi, v, s in zip(y, med, done):
+        for yi, v, h, s in zip(y, med, hi, done):
             extra = ""
             if key == "decode_tps" and s.get("decode_limit_tps"):
                 extra = f"  ({100 * v / s['decode_limit_tps']:.0f}% of BW limit)"
-            ax.text(v, yi, f" {v:.1f}{extra}", va="center", fontsize=9)
-        ax.set_xlim(0, max(med + [1e-9]) * (1.55 if key == "decode_tps" else 1.25))
+            ax.text(v + h, yi, f"  {v:.1f}{extra}", va="center", fontsize=9)  # right of the error bar
+        top = max([m + h for m, h in zip(med, hi)] + [1e-9])
+        ax.set_xlim(0, top * (1.6 if key == "decode_tps" else 1.3))
     m = meta["machine"]
     fig.suptitle(f"edgephi bench: {meta['subject']} — {m['cpu']}, {meta['threads']} threads, median of "
                  f"{meta['runs']} (blue: edgephi, grey: peers)" + ("" if meta["quiet"] else " — shared machine"),

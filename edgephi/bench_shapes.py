@@ -121,10 +121,11 @@ def shape_checkpoint(shape: str, tokenizer: str | os.PathLike | None = None, see
         raise ValueError(f"unknown shape {shape!r}; choose from {', '.join(SHAPES)}")
     config_name, tok_dir = SHAPES[shape]
     tok_dir = Path(tokenizer) if tokenizer else tok_dir
-    if tok_dir is None:
+    maker = _shared_maker()  # benchmarks/shapes.py also writes a tokenizer of the right kind (from tests/data)
+    if tok_dir is None and maker is None:
         raise NotImplementedError(f"--shape {shape}: edgephi ships no tokenizer for its vocabulary; pass "
                                   f"--tokenizer DIR (a directory with its tokenizer.json)")
-    if not (tok_dir / "tokenizer.json").is_file() and not (tok_dir / "tokenizer.model").is_file():
+    if tok_dir is not None and not any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         raise FileNotFoundError(f"{tok_dir}: no tokenizer.json or tokenizer.model")
     out = shapes_home() / shape / "checkpoint"
     if (out / "config.json").is_file():
@@ -134,15 +135,13 @@ def shape_checkpoint(shape: str, tokenizer: str | os.PathLike | None = None, see
     staging.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     try:
-        maker = _shared_maker()
-        made = None
         if maker is not None:
             log.warning("writing a random %s checkpoint with benchmarks/shapes.py to %s", shape, out)
             made = Path(maker(DATA / config_name, staging, dtype="bf16", seed=seed))
         else:
             log.warning("writing a random %s checkpoint to %s", shape, out)
             made = write_random_checkpoint(DATA / config_name, staging, dtype="bf16", seed=seed)
-        for f in tok_dir.iterdir():
+        for f in tok_dir.iterdir() if tok_dir is not None else ():
             if f.is_file() and not (made / f.name).exists():
                 shutil.copy2(f, made / f.name)
         if tok_dir == PHI3_TOKENIZER and not (made / "generation_config.json").exists():
@@ -166,13 +165,40 @@ def shape_bundle(shape: str, formats: tuple[str, ...], tokenizer=None, rebuild: 
 
     ckpt = shape_checkpoint(shape, tokenizer)
     out = shapes_home() / shape / "bundle"
+    stamp = exporter_stamp()
     if (out / "manifest.json").is_file() and not rebuild:
         have = tuple(Manifest.load(out).formats)
-        if set(formats) <= set(have):
+        old = json.loads((out / BUNDLE_STAMP).read_text()) if (out / BUNDLE_STAMP).is_file() else {}
+        stale = [f for f in have if old.get(f) != stamp.get(f)]
+        if set(formats) <= set(have) and not stale:
             return out
+        if stale:
+            log.warning("the %s exporter changed since %s was written: exporting again", ", ".join(stale), out)
         formats = tuple(dict.fromkeys(have + tuple(formats)))
     log.warning("exporting %s (%s) to %s", shape, ", ".join(formats), out)
     export_bundle(str(ckpt), out, formats=formats, bits=4, force=True)
+    (out / BUNDLE_STAMP).write_text(json.dumps({f: stamp.get(f) for f in formats}, indent=2))
+    return out
+
+
+BUNDLE_STAMP = "bench-exporters.json"  # beside manifest.json; not listed in it
+
+
+def exporter_stamp() -> dict[str, str]:
+    """format -> sha1 of the exporter's source files (and the bundle writer's): a cached bundle made by other
+    exporter code is exported again."""
+    import hashlib
+
+    from . import export
+
+    root = Path(export.__file__).resolve().parent
+    common = sorted(root.glob("bundle.py")) + sorted(root.glob("registry.py"))
+    out = {}
+    for fmt in ("onnx", "gguf", "coreml"):
+        h = hashlib.sha1()
+        for f in common + sorted(root.glob(f"{fmt}*.py")):
+            h.update(f.name.encode() + f.read_bytes())
+        out[fmt] = h.hexdigest()[:16]
     return out
 
 

@@ -61,8 +61,10 @@ def test_bench_refuses_bundle_and_shape_together(tmp_path):
 
 
 def test_shape_without_tokenizer_says_what_to_pass(tmp_path, monkeypatch):
+    from edgephi import bench_shapes
     from edgephi.bench_shapes import shape_checkpoint
 
     monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path))
+    monkeypatch.setattr(bench_shapes, "_shared_maker", lambda: None)  # benchmarks/shapes.py would write one
     with pytest.raises(NotImplementedError, match="--tokenizer"):
         shape_checkpoint("phi-4-mini")
