@@ -1,0 +1,102 @@
+"""Core ML backend: runs the stateful ML program of a bundle's coreml/ entry (macOS 15+, coremltools).
+
+The program (export/coreml.py) takes input_ids (1, T) and position (1,), keeps the KV cache in two states and
+returns logits (1, T, V).  The session's cache is an MLState from make_state(); rewind() only lowers n_past:
+the slots past it keep stale keys, which the program's mask ignores (a query at p sees slots <= p only).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .base import Backend, Session, register_backend
+
+log = logging.getLogger(__name__)
+
+MIN_MACOS = (15,)
+DEFAULT_ENTRY = "coreml/model.mlpackage"
+# edgephi device -> coremltools ComputeUnit name (the CPU is always allowed as a fallback for unsupported ops)
+COMPUTE_UNITS = {"npu": "CPU_AND_NE", "metal": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
+CONTEXT_KEY = "edgephi.context_length"
+
+
+def _entry(manifest: Any) -> str:
+    """The package the manifest's coreml format entry names (manifest object or dict), else the default."""
+    formats = getattr(manifest, "formats", None)
+    if formats is None and isinstance(manifest, dict):
+        formats = manifest.get("formats")
+    fmt = formats.get("coreml") if isinstance(formats, dict) else None
+    entry = getattr(fmt, "entry", None) or (fmt.get("entry") if isinstance(fmt, dict) else None)
+    return entry or DEFAULT_ENTRY
+
+
+class CoreMLSession(Session):
+    def __init__(self, model, n_ctx: int):
+        self.model, self.n_ctx = model, n_ctx
+        self.state = model.make_state()
+        self.n_past = 0
+        self.n_evaluated = 0
+
+    def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise ValueError("forward: no token ids given")
+        self.check_room(len(ids))
+        out = self.model.predict({"input_ids": np.array([ids], dtype=np.int32),
+                                  "position": np.array([self.n_past], dtype=np.int32)}, state=self.state)
+        logits = np.asarray(out["logits"], dtype=np.float32)[0]  # (T, V)
+        self.n_past += len(ids)
+        self.n_evaluated += len(ids)
+        return logits if all_logits else logits[-1]
+
+    def rewind(self, n: int) -> None:
+        if not 0 <= n <= self.n_past:
+            raise ValueError(f"rewind({n}): must be between 0 and n_past={self.n_past}")
+        self.n_past = n  # stale cache slots >= n are masked by the program, then overwritten
+
+    def reset(self) -> None:
+        self.rewind(0)
+
+
+@register_backend
+class CoreMLBackend(Backend):
+    name = "coreml"
+    format = "coreml"
+    devices = ("npu", "metal", "cpu")
+
+    @classmethod
+    def unavailable_reason(cls, probe: Any, device: str) -> str | None:
+        if device not in cls.devices:
+            return f"the coreml backend drives {', '.join(cls.devices)}, not {device!r}"
+        if probe.system != "Darwin":
+            return f"Core ML runs only on macOS 15+; this is {probe.system}"
+        version = probe.macos_version
+        if version is None or tuple(version) < MIN_MACOS:
+            shown = ".".join(map(str, version)) if version else "unknown"
+            return f"Core ML stateful models (KV cache states) need macOS 15+; this is macOS {shown}"
+        if not probe.has("coremltools"):
+            return "coremltools is not installed (pip install 'edgephi[coreml]')"
+        if device == "npu" and not probe.apple_silicon:
+            return f"the Neural Engine needs Apple silicon; this Mac is {probe.machine}"
+        return None
+
+    @classmethod
+    def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> Session:
+        import coremltools as ct
+
+        if device not in COMPUTE_UNITS:
+            raise ValueError(f"coreml backend: device {device!r}; choose from {', '.join(COMPUTE_UNITS)}")
+        if options:
+            raise ValueError(f"coreml backend: unknown options {', '.join(sorted(options))}")
+        path = Path(bundle_dir) / _entry(manifest)
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: Core ML package not found (the manifest's coreml entry)")
+        model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[device]))
+        meta = model.user_defined_metadata
+        if CONTEXT_KEY not in meta:
+            raise ValueError(f"{path}: metadata key {CONTEXT_KEY!r} missing; not an edgephi export")
+        log.info("coreml: opened %s on %s (%s)", path, device, COMPUTE_UNITS[device])
+        return CoreMLSession(model, int(meta[CONTEXT_KEY]))
