@@ -29,6 +29,8 @@ class Model:
         self.format = choice.backend.format
         self.messages: list[dict] = []
         self._cached: list[int] = []  # the tokens the session's cache holds, in order
+        # (conversation ids through the last answer, the answer's text, the prompt text it answered)
+        self._last_answer: tuple[list[int], str, str] | None = None
 
     # ---- plumbing --------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -73,19 +75,49 @@ class Model:
         if system is not None and not self.messages:
             self.messages.append({"role": "system", "content": system})
         self.messages.append({"role": "user", "content": message})
-        text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(text, add_special_tokens=self.tokenizer.add_bos_token)
-        answer = []
+        prompt_text = self.tokenizer.apply_chat_template(self.messages, add_generation_prompt=True)
+        ids = self._conversation_ids(prompt_text)
+        answer: list[str] = []
+        generated: list[int] = []
         try:
             for r in self._gen(ids, **kwargs):
                 answer.append(r.text)
+                if r.token is not None:
+                    generated.append(r.token)
                 yield r
         finally:
-            self.messages.append({"role": "assistant", "content": "".join(answer)})
+            text = "".join(answer)
+            self.messages.append({"role": "assistant", "content": text})
+            exact = self.tokenizer.decode(generated, skip_special_tokens=True) == text
+            self._last_answer = (ids + generated, text, prompt_text) if exact else None
+
+    def _conversation_ids(self, text: str) -> list[int]:
+        """Token ids of the rendered conversation.
+
+        The previous answer is kept as the ids the model generated, not re-tokenized from its text (a re-encoding
+        can split differently and would force the cache to be recomputed from there); only the text after it is
+        encoded.  Falls back to encoding everything when the template does not render the history as a prefix.
+        """
+        full = self.tokenizer.encode(text, add_special_tokens=self.tokenizer.add_bos_token)
+        if self._last_answer is None or len(self.messages) < 3 or self.messages[-2]["role"] != "assistant":
+            return full
+        conv_ids, answer, prompt_text = self._last_answer
+        # render the conversation with a marker in place of the last answer, to see what the template puts
+        # around it (a template may end a finished conversation differently, e.g. with an EOS)
+        marker = "\u2063edgephi-answer\u2063"
+        probe = self.messages[:-2] + [{"role": "assistant", "content": marker}, self.messages[-1]]
+        marked = self.tokenizer.apply_chat_template(probe, add_generation_prompt=True)
+        if marked.count(marker) != 1:
+            return full
+        before, after = marked.split(marker)
+        if before != prompt_text or text != before + answer + after:
+            return full
+        return conv_ids + self.tokenizer.encode(after, add_special_tokens=False)
 
     def reset(self) -> None:
         """Forget the conversation (the cache is reused only where the new prompt matches it)."""
         self.messages = []
+        self._last_answer = None
 
     def close(self) -> None:
         self.session.close()

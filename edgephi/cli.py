@@ -76,11 +76,7 @@ def _load(args):
         opts["threads"] = args.threads
     if getattr(args, "ctx", None):
         opts["n_ctx"] = args.ctx
-    model = edgephi.load(args.bundle, device=args.device, format=args.format, **opts)
-    if args.verbose:
-        print(f"backend: {model.backend} on {model.device} ({model.format})\n{model.choice.explain()}",
-              file=sys.stderr)
-    return model
+    return edgephi.load(args.bundle, device=args.device, format=args.format, **opts)
 
 
 def _stats(r, evaluated: int) -> str:
@@ -132,8 +128,9 @@ def cmd_chat(args) -> int:
             print("[conversation reset]", flush=True)
             continue
         last = None
+        answer = model.chat(line, system=args.system, **kwargs)
         try:
-            for r in model.chat(line, system=args.system, **kwargs):
+            for r in answer:
                 sys.stdout.write(r.text)
                 sys.stdout.flush()
                 last = r
@@ -145,6 +142,8 @@ def cmd_chat(args) -> int:
         except ContextFullError as e:
             model.messages = model.messages[:-2]  # drop the turn that did not fit
             print(f"\n[{e}; /reset starts a new conversation]", flush=True)
+        finally:
+            answer.close()  # the model records exactly what its cache holds, even after Ctrl-C
 
 
 # ---- inspection ---------------------------------------------------------------------------------------------------
@@ -206,7 +205,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="edgephi", description="Export and run Phi models on your own device.")
     ap.add_argument("--version", action="version", version=f"edgephi {__version__}")
     ap.add_argument("-v", "--verbose", action="store_true", help="log the backend choice and tracebacks")
+    # -v works before or after the subcommand
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log the backend choice and tracebacks")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add_parser(*a, parents=[common], **k)
 
     p = sub.add_parser("export", help="export a Phi checkpoint to one bundle (ONNX, GGUF, Core ML)")
     p.add_argument("model", help="alias (phi-3-mini, phi-2, …, default), local directory or Hugging Face repo id")

@@ -77,8 +77,8 @@ def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: S
     session.rewind(keep)
     new = list(prompt_ids[keep:])
     if session.n_past + len(new) > session.n_ctx:
-        raise ContextFullError(f"the prompt needs {len(prompt_ids)} tokens; the context holds {session.n_ctx} "
-                               "(start a new conversation, or export with a longer context)")
+        raise ContextFullError(f"context full: the prompt needs {len(prompt_ids)} tokens but the context holds "
+                               f"{session.n_ctx}")
     detok = tokenizer.detokenizer(skip_special_tokens=True)
     text_so_far = ""
     n_gen, t_first, prompt_tps = 0, None, 0.0

@@ -102,9 +102,14 @@ def test_chat_second_turn_evaluates_only_new_tokens(tok):
     full = tok.encode(tok.apply_chat_template(model.messages[:3]), add_special_tokens=True)
     n2 = session.n_evaluated - n1
     assert n2 == second[-1].prompt_tokens + 5
-    # only the new turn is evaluated: the whole first prompt came from the cache
-    assert second[-1].prompt_tokens <= len(full) - turn1_tokens
-    assert session.tokens[: len(full)] == full  # the cache holds exactly the conversation
+    # only the new turn is evaluated: its own tokens, plus the first answer's last token, which was sampled
+    # (max_tokens reached) but never fed to the model
+    prefix = tok.apply_chat_template(model.messages[:2], add_generation_prompt=False)
+    answer = model.messages[1]["content"]
+    suffix = tok.apply_chat_template(model.messages[:3])[prefix.rfind(answer) + len(answer):]
+    assert suffix.startswith("<|end|>") and "And 7?" in suffix
+    assert second[-1].prompt_tokens == len(tok.encode(suffix)) + 1
+    assert len(session.tokens) == n1 + n2 - 0 and session.tokens[:turn1_tokens] == full[:turn1_tokens]
     # and the answer equals a fresh session's over the whole conversation
     assert first[-1].generation_tokens == 6
     assert [r.token for r in second if r.token is not None] == fresh_greedy(full, 6)[:6]
