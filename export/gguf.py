@@ -28,7 +28,7 @@ from edgephi.weights import Checkpoint, CheckpointError, TensorInfo, bf16_to_f32
 log = logging.getLogger(__name__)
 
 ARCH = {"phi": "phi2", "phi3": "phi3"}  # PhiSpec.model_type -> llama.cpp architecture name
-BLOCK_BYTES = 16 << 20  # source bytes converted at a time
+BLOCK_BYTES = 8 << 20  # source bytes converted at a time
 
 # Hugging Face names -> GGUF names.  Per-layer entries are relative to "model.layers.{i}." -> "blk.{i}.".
 GLOBAL_NAMES = {
@@ -172,23 +172,51 @@ def _convert(raw: np.ndarray, src_dtype: str, out_type: str, where: str) -> np.n
     return raw if src_dtype == "F32" else _to_f32(raw, src_dtype)
 
 
-def _write_tensor(fout, t: PlannedTensor) -> None:
+class _Blocks:
+    """Reusable block buffers: reading and converting a tensor allocates nothing per block."""
+
+    def __init__(self, block_bytes: int = BLOCK_BYTES):
+        self.raw = bytearray(block_bytes)
+        self.u32 = np.empty(block_bytes // 2, dtype=np.uint32)
+        self.f16 = np.empty(block_bytes // 2, dtype=np.float16)
+
+
+def _bf16_to_f16(raw: np.ndarray, blocks: _Blocks, where: str) -> np.ndarray:
+    """bfloat16 bits -> float16, exactly as float32 would round (widen by a shift, then one rounding)."""
+    n = raw.size
+    # |x| >= 65536 (bf16 bits 0x4780 and up, inf and NaN included) does not fit float16
+    if int((raw & 0x7FFF).max(initial=0)) >= 0x4780:
+        raise ValueError(f"{where}: values beyond float16's range (±65504); export with dtype='bf16' or 'f32'")
+    u32, f16 = blocks.u32[:n], blocks.f16[:n]
+    u32[...] = raw
+    u32 <<= 16
+    f16[...] = u32.view(np.float32)
+    return f16
+
+
+def _write_tensor(fout, t: PlannedTensor, blocks: _Blocks) -> None:
     if t.array is not None:
         fout.write(np.ascontiguousarray(t.array, dtype=np.float32).tobytes())
         return
     info = t.source
     np_dtype = _SRC_NP[info.dtype]
-    per_block = max(1, BLOCK_BYTES // np_dtype.itemsize)
+    per_block = len(blocks.raw) // np_dtype.itemsize
     where = f"{info.file}: tensor {info.name!r}"
-    with open(info.file, "rb") as fin:
+    view = memoryview(blocks.raw)
+    with open(info.file, "rb", buffering=0) as fin:
         fin.seek(info.offset)
         left = info.numel
         while left:
             n = min(left, per_block)
-            buf = fin.read(n * np_dtype.itemsize)
-            if len(buf) != n * np_dtype.itemsize:
+            nbytes = n * np_dtype.itemsize
+            if fin.readinto(view[:nbytes]) != nbytes:
                 raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-            _convert(np.frombuffer(buf, dtype=np_dtype), info.dtype, t.out_type, where).tofile(fout)
+            raw = np.frombuffer(blocks.raw, dtype=np_dtype, count=n)
+            if info.dtype == "BF16" and t.out_type == "F16":
+                out = _bf16_to_f16(raw, blocks, where)
+            else:
+                out = _convert(raw, info.dtype, t.out_type, where)
+            fout.write(out.data if out.flags.c_contiguous else out.tobytes())
             left -= n
 
 
@@ -228,9 +256,10 @@ def write_float_gguf(ckpt_dir: Path, spec: PhiSpec, path: Path, *, float_type: s
     # data section: each tensor aligned, in tensor-info order (the offsets GGUFWriter wrote assume exactly this)
     with open(path, "r+b") as fout:
         fout.seek(0, os.SEEK_END)
+        blocks = _Blocks()
         for done, t in enumerate(plan, 1):
             _pad(fout, alignment)
-            _write_tensor(fout, t)
+            _write_tensor(fout, t, blocks)
             if progress is not None:
                 progress(done, len(plan))
         _pad(fout, alignment)
