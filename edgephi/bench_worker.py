@@ -42,17 +42,8 @@ def peak_rss_mb() -> float:
 def load_edgephi(a):
     import edgephi
 
-    # the documented option is threads=; a backend that spells it n_threads (or takes no n_ctx) still runs
-    attempts = ({"threads": a.threads, "n_ctx": a.n_ctx}, {"n_threads": a.threads, "n_ctx": a.n_ctx},
-                {"threads": a.threads}, {"n_threads": a.threads})
-    for i, opts in enumerate(attempts):
-        try:
-            model = edgephi.load(a.path, device="cpu", format=a.format, **opts)
-            break
-        except (TypeError, ValueError) as e:
-            if i == len(attempts) - 1 or "option" not in str(e) and "argument" not in str(e):
-                raise
-    info_opts = opts
+    info_opts = {"threads": a.threads, "n_ctx": a.n_ctx}
+    model = edgephi.load(a.path, device="cpu", format=a.format, **info_opts)
 
     def run(ids, gen):
         last = None

@@ -55,7 +55,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
 
 def _llama(path, n_ctx=256):
     quiet_llama_logs()
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, n_threads=THREADS, verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, logits_all=True, threads=THREADS, verbose=False)
 
 
 def _direct_greedy(path, prompt, steps):
@@ -96,7 +96,7 @@ def test_sliding_window_through_backend(exported, reference_model):
     ref_toks, ref_logits = tiny.reference_greedy(reference_model(ckpt), prompt, STEPS)
 
     def run(mode):
-        s = open_gguf(path, spec, n_threads=THREADS, sliding_window=mode)
+        s = open_gguf(path, spec, threads=THREADS, sliding_window=mode)
         out = [s.forward(prompt)] + [s.forward([t]) for t in ref_toks[:-1]]
         s.close()
         return np.stack(out)
@@ -113,7 +113,7 @@ def test_backend_longrope_and_gqa(exported, reference_model):
         ckpt, spec, path = exported(variant)
         prompt = tiny.random_prompt(PROMPT, spec.vocab_size, seed=3)
         ref = tiny.reference_logits(reference_model(ckpt), prompt)
-        s = open_gguf(path, spec, n_threads=THREADS)
+        s = open_gguf(path, spec, threads=THREADS)
         got = s.forward(prompt, all_logits=True)
         assert got.shape == ref.shape
         assert _rel_err(got, ref) <= REL_TOL
@@ -124,7 +124,7 @@ def test_session_rewind_and_reuse(variant, exported):
     _, spec, path = exported(variant)
     prompt = tiny.random_prompt(PROMPT, spec.vocab_size, seed=4)
     extra = [300, 301, 302]
-    s = open_gguf(path, spec, n_threads=THREADS)
+    s = open_gguf(path, spec, threads=THREADS)
     s.forward(prompt[:60])
     s.forward(prompt[60:])
     a = s.forward(extra, all_logits=True)
@@ -135,7 +135,7 @@ def test_session_rewind_and_reuse(variant, exported):
     np.testing.assert_array_equal(a, b)
     s.rewind(50)  # back inside the window: the archived keys become visible again
     c = s.forward(extra, all_logits=True)
-    fresh = open_gguf(path, spec, n_threads=THREADS)
+    fresh = open_gguf(path, spec, threads=THREADS)
     fresh_last = fresh.forward(prompt[:50])
     c_fresh = fresh.forward(extra, all_logits=True)
     assert _rel_err(c, c_fresh) <= 2e-3  # same cache contents; llama.cpp's batch sizes differ (60 vs 50)
@@ -154,7 +154,7 @@ def test_q4_files_load_and_stay_close(quant, exported, reference_model, capsys):
         assert path.stat().st_size < 0.45 * exported(variant)[2].stat().st_size  # 4.5-6.6 bits vs 16
         prompt = tiny.random_prompt(PROMPT, spec.vocab_size, seed=5)
         ref = tiny.reference_logits(reference_model(ckpt), prompt)
-        s = open_gguf(path, spec, n_threads=THREADS)
+        s = open_gguf(path, spec, threads=THREADS)
         got = s.forward(prompt, all_logits=True)
         lp = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
         lq = got - np.logaddexp.reduce(got, axis=-1, keepdims=True)
@@ -254,6 +254,6 @@ def test_unavailable_reasons():
 def test_window_cap_warns(exported, caplog):
     _, spec, path = exported("phi-3-mini-4k")
     with caplog.at_level(logging.WARNING, logger="edgephi.backends.llamacpp"):
-        s = open_gguf(path, spec, n_threads=THREADS, sliding_window="cap")
+        s = open_gguf(path, spec, threads=THREADS, sliding_window="cap")
     assert s.n_ctx == spec.effective_sliding_window
     assert "sliding window" in caplog.text

@@ -229,13 +229,13 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Any, device: str, *, n_ctx: int | None = None,
-             n_threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
+             threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
              **options) -> LlamaCppSession:
-        """Options: n_ctx (default: the model's context, at most 4096), n_threads (default: physical cores),
+        """Options: n_ctx (default: the model's context, at most 4096), threads (default: physical cores),
         n_batch, sliding_window ("exact" | "cap" | "off")."""
         if options:
             raise ValueError(f"llamacpp backend: unknown option(s) {', '.join(sorted(options))}; "
-                             "known: n_ctx, n_threads, n_batch, sliding_window")
+                             "known: n_ctx, threads, n_batch, sliding_window")
         if sliding_window not in SLIDING_WINDOW_MODES:
             raise ValueError(f"sliding_window={sliding_window!r}; choose one of {', '.join(SLIDING_WINDOW_MODES)}")
         if device not in cls.devices:
@@ -259,7 +259,7 @@ class LlamaCppBackend(Backend):
             log.info("LongRoPE: llama.cpp uses the %s factors for every position (n_ctx=%d %s original %d); "
                      "transformers switches to the long ones once a sequence exceeds %d tokens",
                      "long" if n_ctx > orig else "short", n_ctx, ">" if n_ctx > orig else "<=", orig, orig)
-        return LlamaCppSession(path, n_ctx=n_ctx, n_threads=n_threads or physical_cores(),
+        return LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or physical_cores(),
                                n_gpu_layers=-1 if device in _GPU_DEVICES else 0, sliding_window=window,
                                n_batch=n_batch)
 
