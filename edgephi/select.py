@@ -76,7 +76,10 @@ def select(formats: tuple[str, ...], device: str = "auto", format: str | None = 
         raise DeviceUnavailableError(f"unknown device {device!r}; choose from auto, {', '.join(DEVICES)}")
     if format is not None and format not in formats:
         raise DeviceUnavailableError(f"the bundle has no {format} model; it has {', '.join(formats)}")
-    rows = availability(probe, formats if format is None else (format,))
+    rows = availability(probe, formats)
+    if format is not None:
+        rows = [(b, d, why if load_backends()[b].format == format else f"--format {format} was asked for")
+                for b, d, why in rows]
     choice = Choice(None, None, rows)
     for name, dev, why in rows:
         if why is None and (device == "auto" or dev == device):
