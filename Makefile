@@ -20,13 +20,13 @@ $(VENV)/bin/python:
 
 # runtime + every exporter (llama-cpp-python is compiled here, about 5 minutes on 2 cores, once per pip cache)
 $(VENV)/.setup: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[gguf,coreml,genai]'
+	$(PIP) install -q -e '.[gguf,coreml,genai,bench]'
 	touch $@
 
 # test extras: torch==2.13.0 first (the CPU build on this machine's disk), so transformers pulls no CUDA build
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[gguf,coreml,genai,dev]'
+	$(PIP) install -q -e '.[gguf,coreml,genai,bench,dev]'
 	touch $@
 
 setup: $(VENV)/.setup
