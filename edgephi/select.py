@@ -16,7 +16,7 @@ DEVICE_ORDER = ("npu", "metal", "cuda", "cpu")
 # Within a device, fastest first.  CPU order from benchmarks/results (edgephi bench on a 2-core x86-64 machine):
 # see README "Which backend wins".  Accelerators: llama.cpp's Metal and CUDA kernels before ONNX Runtime's.
 BACKEND_ORDER = {
-    "npu": ("coreml", "onnx"),
+    "npu": ("coreml", "qnn"),  # qnn: ONNX Runtime with Qualcomm's HTP (edgephi/backends/qnn.py)
     "metal": ("llamacpp", "coreml"),
     "cuda": ("llamacpp", "onnx"),
     "cpu": ("llamacpp", "onnx", "coreml"),
