@@ -50,6 +50,23 @@ def cmd_export(args) -> int:
     print(f"{'format':<8}{'file':<44}{'size':>10}{'bits/weight':>13}{'time':>9}")
     for fmt, e in manifest.formats.items():
         print(f"{fmt:<8}{e.entry:<44}{_size(e.nbytes):>10}{manifest.bits_per_weight(fmt):>13.2f}{e.seconds:>8.1f}s")
+    if args.check:
+        _print_check(out, args)
+    return 0
+
+
+def _print_check(bundle, args) -> None:
+    from edgephi.quality import check_bundle
+
+    print("\nquality on held-out Python (edgephi/data/heldout):")
+    scores = check_bundle(bundle, threads=getattr(args, "threads", None))
+    ref = next((s.ppl for s in scores if s.label.startswith("reference")), None)
+    for s in scores:
+        print(f"  {s.label}: {s.note}" if s.note else "  " + s.line(None if s.label.startswith("reference") else ref))
+
+
+def cmd_check(args) -> int:
+    _print_check(args.bundle, args)
     return 0
 
 
@@ -224,7 +241,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-quant", default=None, choices=["q4_k_m", "q4_0", "q8_0", "f16", "bf16"])
     p.add_argument("--onnx-asym", action="store_true", help="asymmetric int4 (zero points) for ONNX")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--check", action="store_true",
+                   help="after export, print perplexity and KL divergence to the 16-bit model on held-out text")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("check", help="perplexity of a bundle's models on held-out text, KL to the 16-bit model")
+    p.add_argument("bundle")
+    p.add_argument("--threads", type=int, default=None)
+    p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("chat", help="interactive chat that keeps the KV cache between turns")
     _add_gen_flags(p, bundle_required=False)
