@@ -281,7 +281,8 @@ def run_bench(args, argv: list[str] | None = None) -> dict:
             s["error"] = str(e)[:300]
             log.warning("%s: %s", s["label"], s["error"])
             continue
-        s.update({k: w[k] for k in ("load_s", "peak_rss_mb", "rss_after_load_mb", "backend", "device")})
+        keep = ("load_s", "peak_rss_mb", "rss_after_load_mb", "backend", "device", "load_options", "version")
+        s.update({k: w[k] for k in keep if k in w})
         s["results"] = {p: {k: report.stat(v) for k, v in r.items() if k != "generated"} | {"generated": r["generated"]}
                         for p, r in w["results"].items()}
         print(f"{s['label']:<26} " + "  ".join(
