@@ -1,0 +1,192 @@
+"""The onnx-npu export on Qualcomm's HTP, run by onnxruntime-qnn's x86 HTP emulation, against the CPU ONNX backend.
+
+What is checked, for the Phi-2 and every Phi-3-family tiny variant:
+* placement: every node of the prefill and decode graphs runs on QNN (session.disable_cpu_ep_fallback=1 makes a
+  CPU-placed node fail session creation; the recorded assignment lists only QNNExecutionProvider);
+* numbers: greedy tokens over an 80-token prompt (past the 48-token sliding window and LongRoPE's switch at 64)
+  and 12 decode steps equal those of edgephi/backends/onnx.py on the same weights (the 16-bit export: both graphs
+  hold the same float16 weights; int4: the same MatMulNBits blocks with accuracy_level=0, i.e. float compute);
+  logits within LOGITS_TOL of the largest |logit|.
+  LOGITS_TOL: float16 activations carry a relative rounding error of 2^-11 ≈ 4.9e-4 per operation; through two
+  layers, softmax over ≤ 92 keys and 256-long dot products the HTP's logits differ from float32 ones by ≈ 3e-3 of
+  max|logit| (measured: 2e-3…4e-3, up to 7e-3 with LongRoPE's long factors), so 1e-2 is 1.5–4× that.
+  Greedy tokens can only be compared where the reference is not a near-tie: tiny random models have top-1/top-2
+  gaps down to 1e-4 of max|logit|.  The prompt is therefore the first seed (0, 1, …) whose CPU greedy run has
+  every step's gap above TIE_MARGIN (2 × the measured float16 error); the rule is fixed, not tuned per run;
+* context binaries: compiled offline (EPContext model + .bin), reloaded, and the same tokens again;
+* devices: the emulated HTP is never reported as an NPU.
+Timings printed here are labelled "x86 HTP emulation": they say nothing about NPU speed.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed (pip install 'edgephi[qnn]')")
+
+import tiny  # noqa: E402
+from edgephi.backends.onnx import OnnxSession  # noqa: E402
+from edgephi.backends.qnn import QnnBackend, QnnSession  # noqa: E402
+from edgephi.backends import qnn_ep  # noqa: E402
+from edgephi.devices import probe  # noqa: E402
+from edgephi.export import onnx as onnx_export  # noqa: E402
+from edgephi.export import onnx_npu  # noqa: E402
+from edgephi.spec import PhiSpec  # noqa: E402
+
+VARIANTS = ["phi-2", "phi-3-mini-4k", "phi-3-mini-128k", "phi-3-medium", "phi-4-mini"]
+PROMPT_LEN, STEPS, N_CTX, CHUNK = 80, 12, 96, 32
+LOGITS_TOL = 1e-2
+TIE_MARGIN = 6e-3
+TARGET = "sm8650"  # Hexagon v75, soc_model 57
+EMULATED = probe().qnn_htp == "emulated"
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """exports(variant, bits) -> (onnx-npu dir, CPU onnx dir) on the same checkpoint (cached per module)."""
+    cache: dict = {}
+
+    def get(variant: str, bits: int):
+        if (variant, bits) not in cache:
+            ckpt = tiny_checkpoint(variant)
+            spec = PhiSpec.from_hf_config(ckpt)
+            root = tmp_path_factory.mktemp(f"qnn-{variant}-{bits}")
+            npu, cpu = root / "onnx-npu", root / "onnx"
+            npu.mkdir()
+            cpu.mkdir()
+            onnx_npu.export(ckpt, spec, npu, bits=bits, n_ctx=N_CTX, chunk=CHUNK, compile=False)
+            onnx_export.export(ckpt, spec, cpu, bits=bits, accuracy_level=0)
+            cache[(variant, bits)] = npu, cpu
+        return cache[(variant, bits)]
+
+    return get
+
+
+def greedy(session, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    logits = [session.forward(prompt)]
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(logits[-1])))
+        logits.append(session.forward([out[-1]]))
+    return out, np.stack(logits[:-1])
+
+
+def min_gap(logits: np.ndarray) -> float:
+    top = np.sort(logits, axis=1)[:, -2:]
+    return float((top[:, 1] - top[:, 0]).min() / np.abs(logits).max())
+
+
+def reference(cpu_dir: Path, vocab: int) -> tuple[list[int], list[int], np.ndarray]:
+    """(prompt, tokens, logits) from the CPU ONNX backend: the first prompt seed without a near-tie."""
+    for seed in range(64):
+        prompt = tiny.random_prompt(PROMPT_LEN, vocab, seed=seed)
+        tokens, logits = greedy(OnnxSession(cpu_dir, n_ctx=128, threads=1), prompt, STEPS)
+        if min_gap(logits) > TIE_MARGIN:
+            return prompt, tokens, logits
+    raise AssertionError(f"no prompt seed in 0..63 without a near-tie (gap <= {TIE_MARGIN})")
+
+
+def check_against_cpu(npu_dir: Path, cpu_dir: Path, vocab: int, label: str, **options) -> QnnSession:
+    prompt, ref_tokens, ref_logits = reference(cpu_dir, vocab)
+    session = QnnSession(npu_dir, **options)
+    t0 = time.perf_counter()
+    tokens, logits = greedy(session, prompt, STEPS)
+    print(f"{label}: {PROMPT_LEN} + {STEPS} tokens in {time.perf_counter() - t0:.1f} s (x86 HTP emulation, "
+          f"not NPU speed); logits error {np.abs(logits - ref_logits).max() / np.abs(ref_logits).max():.2e}")
+    assert tokens == ref_tokens
+    assert np.abs(logits - ref_logits).max() <= LOGITS_TOL * np.abs(ref_logits).max()
+    assert session.n_past == PROMPT_LEN + STEPS
+    return session
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_node_on_qnn(variant, exports):
+    npu, _ = exports(variant, 16)
+    for graph in onnx_npu.GRAPHS:
+        # strict (the default): creation fails if any node would fall back to the CPU
+        sess = qnn_ep.make_session(npu / f"{graph}.onnx", qnn_ep.get_target(TARGET), record=True)
+        assert set(qnn_ep.placements(sess)) == {"QNNExecutionProvider"}, (graph, qnn_ep.placements(sess))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_f16_tokens_match_cpu_onnx(variant, exports, tiny_checkpoint):
+    npu, cpu = exports(variant, 16)
+    spec = PhiSpec.from_hf_config(tiny_checkpoint(variant))
+    check_against_cpu(npu, cpu, spec.vocab_size, f"{variant} 16-bit", target=TARGET)
+
+
+def test_int4_tokens_match_cpu_onnx(exports, tiny_checkpoint):
+    """MatMulNBits int4 (block 32, symmetric) on the HTP: slow in the emulation (~2 s a step), so one variant."""
+    npu, cpu = exports("phi-3-medium", 4)
+    spec = PhiSpec.from_hf_config(tiny_checkpoint("phi-3-medium"))
+    check_against_cpu(npu, cpu, spec.vocab_size, "phi-3-medium int4", target=TARGET)
+
+
+def test_context_binary_roundtrip(tiny_checkpoint, tmp_path):
+    """A bundle with context binaries: listed in the manifest, preferred at load, same tokens as the CPU."""
+    from edgephi.export.bundle import export_bundle
+    from edgephi.manifest import Manifest
+
+    ckpt = tiny_checkpoint("phi-4-mini")
+    out, manifest = export_bundle(str(ckpt), tmp_path / "bundle", formats=("onnx", "onnx-npu"), bits=16,
+                                  options={"onnx": {"accuracy_level": 0},
+                                           "onnx-npu": {"n_ctx": N_CTX, "chunk": CHUNK, "targets": [TARGET]}})
+    entry = Manifest.load(out).formats["onnx-npu"]
+    ctx_files = [f for f in entry.files if f.startswith(f"onnx-npu/qnn/{TARGET}/")]
+    assert {Path(f).name for f in ctx_files} >= {"prefill.onnx", "decode.onnx"}
+    assert any(f.endswith(".bin") for f in ctx_files), ctx_files
+    assert entry.extra["qnn_targets"][TARGET]["decode"] == f"onnx-npu/qnn/{TARGET}/decode.onnx"
+    for f in ctx_files:
+        assert (out / f).is_file()
+    session = QnnBackend.open(out, Manifest.load(out), "npu", target=TARGET, allow_emulated=True)
+    assert session.from_context
+    session.close()
+    spec = PhiSpec.from_hf_config(ckpt)
+    reloaded = check_against_cpu(out / "onnx-npu", out / "onnx", spec.vocab_size, "phi-4-mini context binary",
+                                 target=TARGET)
+    assert reloaded.from_context
+    cfg = json.loads((out / "onnx-npu" / onnx_npu.CONFIG).read_text())
+    assert cfg["targets"][TARGET]["htp_arch"] == 75
+
+
+def test_chunked_prefill_and_rewind(exports, tiny_checkpoint):
+    """all_logits over a prompt that is not a multiple of the chunk; rewind then re-decode gives the same logits."""
+    npu, cpu = exports("phi-3-mini-4k", 16)
+    spec = PhiSpec.from_hf_config(tiny_checkpoint("phi-3-mini-4k"))
+    prompt = tiny.random_prompt(40, spec.vocab_size, seed=7)
+    ref = OnnxSession(cpu, n_ctx=128, threads=1).forward(prompt, all_logits=True)
+    s = QnnSession(npu, target=TARGET)
+    got = s.forward(prompt, all_logits=True)
+    assert got.shape == ref.shape
+    assert np.abs(got - ref).max() <= LOGITS_TOL * np.abs(ref).max()
+    a = s.forward([prompt[0]])
+    s.rewind(40)
+    b = s.forward([prompt[0]])
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="context full"):
+        s.forward(list(range(100, 100 + N_CTX)))
+
+
+@pytest.mark.skipif(not EMULATED, reason="this machine has a real HTP (or none): the emulation messages do not apply")
+def test_emulated_htp_is_not_an_npu(capsys):
+    from edgephi.cli import main
+    from edgephi.select import DeviceUnavailableError, select
+
+    why = QnnBackend.unavailable_reason(probe(), "npu")
+    assert why is not None and "x86 emulation" in why and "not an NPU" in why and "Snapdragon" in why
+    assert main(["devices"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if "qnn" in x and "npu" in x)
+    assert "unavailable" in line and "x86 emulation" in line and "QNN HTP driver" in line
+    with pytest.raises(DeviceUnavailableError, match="x86 emulation.*Snapdragon"):
+        select(("onnx", "onnx-npu"), device="npu")
+
+
+@pytest.mark.skipif(not EMULATED, reason="this machine has a real HTP (or none): the emulation messages do not apply")
+def test_open_refuses_emulation_unless_asked(exports):
+    npu, _ = exports("phi-3-mini-4k", 16)
+    with pytest.raises(ValueError, match="x86 emulation"):
+        QnnBackend.open(npu.parent, None, "npu")
