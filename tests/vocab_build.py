@@ -28,15 +28,7 @@ GPT2_VOCAB = DATA / "ggml-vocab-gpt-2.gguf"
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPM_SPACE = "\u2581"  # "▁"
 
-# Published chat template of microsoft/Phi-3-mini-4k-instruct (tokenizer_config.json, July 2024 update).
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
+from edgephi.tokenizer import PHI3_CHAT_TEMPLATE  # noqa: E402  (the published Phi-3-mini template)
 # Phi-3 added tokens: first and last id (taken by content from the gguf, checked there).
 PHI3_ADDED = ("<|endoftext|>", "<|user|>")
 # CodeGen (and so Phi-1/1.5/2) whitespace tokens after <|endoftext|>: 31..2 spaces, then 9..2 tabs.
