@@ -225,6 +225,8 @@ def resolve_subject(args):
     ckpt = ckpt if m.source.get("path") and (ckpt / "config.json").is_file() else None
     from .bench_shapes import shapes_home
 
+    if bundle.resolve().parent.parent == shapes_home().resolve():  # a cached --shape bundle, used as it is
+        return bundle, ckpt, bundle.resolve().parent, bundle.resolve().parent.name
     return bundle, ckpt, shapes_home().parent / "bench-peers" / _slug(bundle.resolve().name), _slug(bundle.name)
 
 
@@ -237,7 +239,7 @@ def default_out() -> Path:
 
 def run_bench(args, argv: list[str] | None = None) -> dict:
     from . import bench_report as report
-    from .bench_shapes import repo_root
+    from .bench_shapes import repo_root, shapes_home
     from .devices import physical_cores
     from .manifest import Manifest
 
@@ -290,7 +292,8 @@ def run_bench(args, argv: list[str] | None = None) -> dict:
             for p, r in s["results"].items()) + f"  rss {s['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
 
     busy_known = [b for b in busy if b is not None]
-    meta = {"subject": f"{name} ({spec.n_params / 1e9:.2f} B parameters, random weights)" if args.shape
+    random_weights = args.shape or (bundle.resolve().parent.parent == shapes_home().resolve())
+    meta = {"subject": f"{name} ({spec.n_params / 1e9:.2f} B parameters, random weights)" if random_weights
             else f"{name} ({spec.n_params / 1e9:.2f} B parameters)",
             "command": " ".join(shlex.quote(a) for a in (argv or sys.argv)), "commit": report.commit(repo_root()),
             "machine": report.machine(), "versions": report.versions(), "bandwidth": bw, "threads": threads,
