@@ -40,7 +40,7 @@ NOTES_V69 = """htp_arch 69 on the x86 emulation: filled in by the investigation 
 
 
 def _options(options: dict) -> dict:
-    known = {"chunk", "n_ctx", "targets", "compile", "embed_context"}
+    known = {"chunk", "n_ctx", "targets", "compile", "embed_context", "quantize_lm_head"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"{FORMAT} export: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
@@ -51,7 +51,8 @@ def _options(options: dict) -> dict:
 def export(ckpt_dir, spec: PhiSpec, out_dir, *, bits: int, progress=None, **options) -> FormatResult:
     """options: chunk (prefill length, 32), n_ctx (static cache length, min(context, 4096)),
     targets (QNN targets to compile, edgephi.backends.qnn_ep.DEFAULT_TARGETS; () = none),
-    compile (True when onnxruntime_qnn is importable), embed_context (False: .bin beside the context model)."""
+    compile (True when onnxruntime_qnn is importable), embed_context (False: .bin beside the context model),
+    quantize_lm_head (True; False keeps the output projection float16 with bits=4)."""
     if bits not in (4, 16):
         raise ValueError(f"{FORMAT} export: bits={bits}; allowed: 4, 16")
     options = _options(dict(options))
@@ -75,7 +76,8 @@ def export(ckpt_dir, spec: PhiSpec, out_dir, *, bits: int, progress=None, **opti
     g = SharedBuilder(out_dir / DATA)
     meta = {"edgephi.spec": json.dumps(spec.to_dict()), "edgephi.quant": _quant(bits)}
     try:
-        builder = NpuGraph(g, spec, read, bits, n_ctx)
+        lm_q = bool(options.get("quantize_lm_head", True))
+        builder = NpuGraph(g, spec, read, bits, n_ctx, lm_q)
         for graph, S in zip(GRAPHS, (chunk, 1)):
             builder.build(S)
             g.save_graph(out_dir / f"{graph}.onnx", f"edgephi-{spec.name or spec.model_type}-{graph}", meta)
@@ -93,7 +95,8 @@ def export(ckpt_dir, spec: PhiSpec, out_dir, *, bits: int, progress=None, **opti
         "rope_long_after": spec.rope_scaling.original_max_position_embeddings if spec.rope_scaling else None,
         "io": {"inputs": ["input_ids", "position_ids", "attention_bias", "past_key.%d", "past_value.%d"],
                "outputs": ["logits", "present_key.%d", "present_value.%d"], "dtype": "float16"},
-        "bits": bits, "quant": _quant(bits), "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
+        "bits": bits, "quant": _quant(bits), "quantize_lm_head": lm_q and bits == 4,
+        "bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad,
         "targets": {},
     }
     files = [out_dir / f"{n}.onnx" for n in GRAPHS] + [out_dir / DATA]
@@ -106,7 +109,8 @@ def export(ckpt_dir, spec: PhiSpec, out_dir, *, bits: int, progress=None, **opti
     files.append(cfg_path)
     return FormatResult(format=FORMAT, files=[relpath(f, out_dir) for f in files], bits=bits, quant=_quant(bits),
                         entry=relpath(out_dir / "prefill.onnx", out_dir),
-                        extra={"chunk": chunk, "n_ctx": n_ctx, "config": relpath(cfg_path, out_dir),
+                        extra={"chunk": chunk, "n_ctx": n_ctx, "quantize_lm_head": lm_q and bits == 4,
+                               "config": relpath(cfg_path, out_dir),
                                "qnn_targets": {t: {g: relpath(out_dir / p, out_dir) for g, p in v["graphs"].items()}
                                                for t, v in cfg["targets"].items()}})
 

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from edgephi.spec import PhiSpec
@@ -97,8 +96,10 @@ def rope_table(spec: PhiSpec, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
 class NpuGraph:
     """Builds one static graph (sequence length S) from the checkpoint into a SharedBuilder."""
 
-    def __init__(self, g: SharedBuilder, spec: PhiSpec, read: Callable[[str], np.ndarray], bits: int, n_ctx: int):
+    def __init__(self, g: SharedBuilder, spec: PhiSpec, read: Callable[[str], np.ndarray], bits: int, n_ctx: int,
+                 quantize_lm_head: bool = True):
         self.g, self.spec, self.read, self.bits, self.n_ctx = g, spec, read, bits, n_ctx
+        self.quantize_lm_head = quantize_lm_head
         self._nk: dict[str, tuple[int, int]] = {}  # (N, K) of each quantized linear, for the second graph
 
     # ---- pieces -------------------------------------------------------------------------------------------
@@ -113,10 +114,11 @@ class NpuGraph:
     def reshape(self, x: str, dims: list[int], name: str) -> str:
         return self.g.op("Reshape", [x, self.shape(dims)], name)
 
-    def linear(self, name: str, x: str, weight: Callable[[], np.ndarray], bias: Callable[[], np.ndarray] | None):
+    def linear(self, name: str, x: str, weight: Callable[[], np.ndarray], bias: Callable[[], np.ndarray] | None,
+               bits: int | None = None):
         """y = x @ W.T (+ b); x (1, S, K) float16.  bits 4: MatMulNBits (block 32, symmetric, float16 scales)."""
         g = self.g
-        if self.bits == 4:
+        if (bits or self.bits) == 4:
             qn, sn = f"{name}.weight_Q4", f"{name}.weight_scales"
             if not g.has(qn):
                 w = weight()
@@ -214,7 +216,7 @@ class NpuGraph:
         h = self.phi3(x) if s.is_phi3 else self.phi(x)
         head = "model.embed_tokens.weight" if s.tie_word_embeddings else "lm_head.weight"
         bias = (lambda: self.read("lm_head.bias")) if not s.is_phi3 else None
-        logits = self.linear("/lm_head", h, lambda: self.read(head), bias)
+        logits = self.linear("/lm_head", h, lambda: self.read(head), bias, None if self.quantize_lm_head else 16)
         g.add_output(logits, "logits", F16, [1, S, s.vocab_size])
 
     def _w(self, name: str):
@@ -262,6 +264,3 @@ class NpuGraph:
         return self.g.op("LayerNormalization", [x, self.const16(prefix + ".weight"), self.const16(prefix + ".bias")],
                          name, axis=-1, epsilon=self.spec.norm_eps)
 
-
-def check_model(path: Path) -> None:
-    onnx.checker.check_model(str(path), full_check=False)

@@ -97,7 +97,7 @@ class QnnSession(Session):
         feed = {"input_ids": np.pad(ids, (0, S - t)).astype(np.int32)[None],
                 "position_ids": rows.astype(np.int32)[None], "attention_bias": self._mask(S, t)}
         for i in range(self.n_layers):
-            feed[f"past_key.{i}"], feed[f"past_value.{i}"] = self.keys[i].copy(), self.values[i].copy()
+            feed[f"past_key.{i}"], feed[f"past_value.{i}"] = self.keys[i], self.values[i]
         outs = self.sessions[graph].run(None, feed)
         names = [o.name for o in self.sessions[graph].get_outputs()]
         res = dict(zip(names, outs))
