@@ -82,43 +82,47 @@ def min_gap(logits: np.ndarray) -> float:
     return float((top[:, 1] - top[:, 0]).min() / np.abs(logits).max())
 
 
-def reference(cpu_dir: Path, vocab: int) -> tuple[list[int], list[int], np.ndarray]:
+def reference(cpu_dir: Path, vocab: int, n: int = PROMPT_LEN) -> tuple[list[int], list[int], np.ndarray]:
     """(prompt, tokens, logits) from the CPU ONNX backend: the first prompt seed without a near-tie."""
     for seed in range(64):
-        prompt = tiny.random_prompt(PROMPT_LEN, vocab, seed=seed)
+        prompt = tiny.random_prompt(n, vocab, seed=seed)
         tokens, logits = greedy(OnnxSession(cpu_dir, n_ctx=128, threads=1), prompt, STEPS)
         if min_gap(logits) > TIE_MARGIN:
             return prompt, tokens, logits
     raise AssertionError(f"no prompt seed in 0..63 without a near-tie (gap <= {TIE_MARGIN})")
 
 
-def check_against_cpu(npu_dir: Path, cpu_dir: Path, vocab: int, label: str, **options) -> QnnSession:
-    prompt, ref_tokens, ref_logits = reference(cpu_dir, vocab)
+def check_against_cpu(npu_dir: Path, cpu_dir: Path, vocab: int, label: str, n: int = PROMPT_LEN,
+                      **options) -> QnnSession:
+    prompt, ref_tokens, ref_logits = reference(cpu_dir, vocab, n)
     session = QnnSession(npu_dir, **options)
     t0 = time.perf_counter()
     tokens, logits = greedy(session, prompt, STEPS)
-    print(f"{label}: {PROMPT_LEN} + {STEPS} tokens in {time.perf_counter() - t0:.1f} s (x86 HTP emulation, "
+    print(f"{label}: {n} + {STEPS} tokens in {time.perf_counter() - t0:.1f} s (x86 HTP emulation, "
           f"not NPU speed); logits error {np.abs(logits - ref_logits).max() / np.abs(ref_logits).max():.2e}")
     assert tokens == ref_tokens
     assert np.abs(logits - ref_logits).max() <= LOGITS_TOL * np.abs(ref_logits).max()
-    assert session.n_past == PROMPT_LEN + STEPS
+    assert session.n_past == n + STEPS
     return session
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_every_node_on_qnn(variant, exports):
-    npu, _ = exports(variant, 16)
-    for graph in onnx_npu.GRAPHS:
-        # strict (the default): creation fails if any node would fall back to the CPU
-        sess = qnn_ep.make_session(npu / f"{graph}.onnx", qnn_ep.get_target(TARGET), record=True)
-        assert set(qnn_ep.placements(sess)) == {"QNNExecutionProvider"}, (graph, qnn_ep.placements(sess))
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_f16_tokens_match_cpu_onnx(variant, exports, tiny_checkpoint):
+def test_f16_every_node_on_qnn_and_tokens_match_cpu_onnx(variant, exports, tiny_checkpoint):
     npu, cpu = exports(variant, 16)
     spec = PhiSpec.from_hf_config(tiny_checkpoint(variant))
-    check_against_cpu(npu, cpu, spec.vocab_size, f"{variant} 16-bit", target=TARGET)
+    # strict (the default): session creation fails if any node would fall back to the CPU
+    session = check_against_cpu(npu, cpu, spec.vocab_size, f"{variant} 16-bit", target=TARGET, record=True)
+    for graph, placed in session.placements().items():
+        assert set(placed) == {"QNNExecutionProvider"} and placed["QNNExecutionProvider"] > 50, (graph, placed)
+
+
+@pytest.mark.parametrize("variant", ["phi-3-mini-128k", "phi-4-mini"])
+def test_longrope_switch_during_decode(variant, exports, tiny_checkpoint):
+    """A 58-token prompt (under original_max 64) decoded past 64: new tokens rotate with the long factors while
+    the cached keys keep the short ones, as in the CPU backend (and transformers)."""
+    npu, cpu = exports(variant, 16)
+    spec = PhiSpec.from_hf_config(tiny_checkpoint(variant))
+    check_against_cpu(npu, cpu, spec.vocab_size, f"{variant} LongRoPE switch", n=58, target=TARGET)
 
 
 def test_int4_tokens_match_cpu_onnx(exports, tiny_checkpoint):

@@ -35,7 +35,7 @@ def emulation_reason(machine: str) -> str:
 
 class QnnSession(Session):
     def __init__(self, model_dir: Path, target: str | None = None, prefer_context: bool = True,
-                 threads: int | None = None, strict: bool = True):
+                 threads: int | None = None, strict: bool = True, record: bool = False):
         from .qnn_ep import get_target, make_session
 
         model_dir = Path(model_dir)
@@ -62,7 +62,7 @@ class QnnSession(Session):
             path = model_dir / (compiled[target]["graphs"][name] if self.from_context else graphs[name]["file"])
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: {name} graph named by {cfg_path.name} is missing")
-            self.sessions[name] = make_session(path, self.target, strict=strict, threads=threads)
+            self.sessions[name] = make_session(path, self.target, strict=strict, record=record, threads=threads)
         log.info("qnn: %s graphs for %s (%s)", "context-binary" if self.from_context else "ONNX", target,
                  self.target.chip)
         shape = (1, self.n_kv, self.n_ctx, self.head_dim)  # (B, n_kv, n_ctx, hd)
@@ -128,6 +128,12 @@ class QnnSession(Session):
             raise ValueError(f"rewind: n={n}; allowed 0..{self.n_past} (the tokens cached)")
         self.n_past = n  # slots >= n are masked until overwritten
 
+    def placements(self) -> dict[str, dict[str, int]]:
+        """{graph: {execution provider: nodes}}; needs record=True at open."""
+        from .qnn_ep import placements
+
+        return {name: placements(s) for name, s in self.sessions.items()}
+
     def close(self) -> None:
         self.sessions = {}
 
@@ -154,10 +160,10 @@ class QnnBackend(Backend):
     def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> QnnSession:
         """options: target (a key of qnn_ep.TARGETS; default the first compiled one), prefer_context (True: the
         bundle's context binary when there is one for the target), threads, strict (True: no CPU fallback),
-        allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
+        record (False: True keeps node placements for placements()), allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
         from ..devices import probe
 
-        known = {"target", "prefer_context", "threads", "strict", "allow_emulated"}
+        known = {"target", "prefer_context", "threads", "strict", "record", "allow_emulated"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"qnn backend: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
