@@ -5,8 +5,9 @@ onnxruntime-qnn (2.x) is a plugin: QNNExecutionProvider exists only after
 ``SessionOptions.add_provider_for_devices`` (backend_path = the HTP library; the wheel ships no QNN CPU backend).
 
 Targets: an HTP architecture and the SoC id QNN uses for it (QNN SDK docs, "Supported Snapdragon devices").
-float16 activations need a SoC whose HTP computes in float16 (v73 and later here); every target in TARGETS was
-run on the x86 HTP emulation by tests/test_qnn.py or by hand (see the module notes in export/onnx_npu.py).
+float16 activations need a SoC whose HTP computes in float16 (v73 and later here); every target in TARGETS is
+compiled and run on the x86 HTP emulation by tests/test_qnn.py.  v68/v69 are left out: see the htp_arch 69 notes
+in export/onnx_npu.py.  With soc_model set, the emulation follows the SoC and ignores htp_arch.
 """
 from __future__ import annotations
 
