@@ -48,8 +48,8 @@ REQUIRES.setdefault(FORMAT, ("onnx",))  # compiling also needs onnxruntime_qnn; 
 #     so a v69 run differs from the v73+ runs by ~1e-3 of max|logit| -- enough to flip a greedy near-tie in a tiny
 #     random model (gaps down to 1e-4 here), which is the likely cause of the "wrong outputs" report;
 #   * v68 (soc 30) does not take MatMulNBits int4: strict placement fails.
-# Still excluded from TARGETS: without hardware the v69 class cannot be told apart from an emulator artefact,
-# and v68/v69 HTPs lack native float16 (Qualcomm lists float16 HTP graphs from v73), which these graphs rely on.
+# Still excluded from TARGETS: without hardware the v69 class cannot be told apart from an emulator artefact, and
+# whether a real v69 HTP runs these float16 graphs at speed (rather than widening them) the emulation cannot show.
 NOTES_V69 = "see the comment above"
 
 
