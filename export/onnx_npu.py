@@ -57,7 +57,8 @@ def _options(options: dict) -> dict:
     known = {"chunk", "n_ctx", "targets", "compile", "embed_context", "quantize_lm_head"}
     unknown = sorted(set(options) - known)
     if unknown:
-        raise ValueError(f"{FORMAT} export: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+        raise ValueError(f"{FORMAT} export: unknown option(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(sorted(known))}")
     return options
 
 

@@ -210,6 +210,7 @@ def test_chunked_prefill_and_rewind(exports, tiny_checkpoint):
     np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="context full"):
         s.forward(list(range(100, 100 + N_CTX)))
+    assert QnnSession(npu, target=TARGET, n_ctx=64).n_ctx == 64  # a smaller context than exported
 
 
 @pytest.mark.skipif(not EMULATED, reason="this machine has a real HTP (or none): the emulation messages do not apply")

@@ -35,14 +35,14 @@ def emulation_reason(machine: str) -> str:
 
 class QnnSession(Session):
     def __init__(self, model_dir: Path, target: str | None = None, prefer_context: bool = True,
-                 threads: int | None = None, strict: bool = True, record: bool = False):
+                 threads: int | None = None, strict: bool = True, record: bool = False, n_ctx: int | None = None):
         from .qnn_ep import get_target, make_session
 
         model_dir = Path(model_dir)
         cfg_path = model_dir / CONFIG
         try:
             cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            self.n_ctx, self.chunk = int(cfg["n_ctx"]), int(cfg["chunk"])
+            self.cache_len, self.chunk = int(cfg["n_ctx"]), int(cfg["chunk"])  # static: fixed at export
             self.n_layers, self.n_kv, self.head_dim = (int(cfg["num_hidden_layers"]), int(cfg["num_key_value_heads"]),
                                                        int(cfg["head_dim"]))
             graphs, compiled = cfg["graphs"], cfg.get("targets", {})
@@ -50,6 +50,10 @@ class QnnSession(Session):
             raise FileNotFoundError(f"{cfg_path}: missing (the onnx-npu exporter writes it)") from None
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{cfg_path}: corrupt npu config ({e.__class__.__name__}: {e})") from None
+        self.n_ctx = self.cache_len if n_ctx is None else min(int(n_ctx), self.cache_len)
+        if n_ctx is not None and int(n_ctx) > self.cache_len:
+            log.info("qnn: n_ctx=%s asked for; the static graphs hold %d (export with a larger n_ctx)", n_ctx,
+                     self.cache_len)
         self.window = cfg.get("sliding_window")
         self.mask_value = np.float16(cfg.get("mask_value", -30000.0))
         self.long_offset, self.long_after = cfg.get("rope_long_offset"), cfg.get("rope_long_after")
@@ -65,7 +69,7 @@ class QnnSession(Session):
             self.sessions[name] = make_session(path, self.target, strict=strict, record=record, threads=threads)
         log.info("qnn: %s graphs for %s (%s)", "context-binary" if self.from_context else "ONNX", target,
                  self.target.chip)
-        shape = (1, self.n_kv, self.n_ctx, self.head_dim)  # (B, n_kv, n_ctx, hd)
+        shape = (1, self.n_kv, self.cache_len, self.head_dim)  # (B, n_kv, cache_len, hd)
         self.keys = [np.zeros(shape, np.float16) for _ in range(self.n_layers)]
         self.values = [np.zeros(shape, np.float16) for _ in range(self.n_layers)]
         self.n_past = 0
@@ -74,7 +78,7 @@ class QnnSession(Session):
     # ---- one static run -----------------------------------------------------------------------------------
     def _mask(self, S: int, t: int) -> np.ndarray:
         """(1, 1, S, n_ctx + S) additive bias for t real tokens at n_past.. (rows t..S-1 are padding)."""
-        n, p0 = self.n_ctx, self.n_past
+        n, p0 = self.cache_len, self.n_past
         q = p0 + np.arange(S)[:, None]  # (S, 1) query positions
         cache_pos = np.arange(n)[None, :]  # (1, n_ctx)
         new_pos = p0 + np.arange(S)[None, :]  # (1, S)
@@ -93,7 +97,7 @@ class QnnSession(Session):
         graph = "decode" if t == 1 else "prefill"
         S = 1 if t == 1 else self.chunk
         pos = self.n_past + np.arange(S)
-        rows = np.minimum(pos, self.n_ctx - 1) + (self.long_offset if long else 0)
+        rows = np.minimum(pos, self.cache_len - 1) + (self.long_offset if long else 0)
         feed = {"input_ids": np.pad(ids, (0, S - t)).astype(np.int32)[None],
                 "position_ids": rows.astype(np.int32)[None], "attention_bias": self._mask(S, t)}
         for i in range(self.n_layers):
@@ -160,13 +164,15 @@ class QnnBackend(Backend):
     def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> QnnSession:
         """options: target (a key of qnn_ep.TARGETS; default the first compiled one), prefer_context (True: the
         bundle's context binary when there is one for the target), threads, strict (True: no CPU fallback),
-        record (False: True keeps node placements for placements()), allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
+        record (False: True keeps node placements for placements()), n_ctx (at most the exported one),
+        allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
         from ..devices import probe
 
-        known = {"target", "prefer_context", "threads", "strict", "record", "allow_emulated"}
+        known = {"target", "prefer_context", "threads", "strict", "record", "n_ctx", "allow_emulated"}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"qnn backend: unknown option(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+            raise ValueError(f"qnn backend: unknown option(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(sorted(known))}")
         allow = bool(options.pop("allow_emulated", False))
         why = cls.unavailable_reason(probe(), device if device != "auto" else "npu")
         if why is not None and not (allow and probe().qnn_htp == "emulated"):
