@@ -26,7 +26,7 @@ $(VENV)/.setup: pyproject.toml | $(VENV)/bin/python
 # test extras: torch==2.13.0 first (the CPU build on this machine's disk), so transformers pulls no CUDA build
 $(VENV)/.setup-dev: $(VENV)/.setup
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[gguf,coreml,genai,bench,dev]'
+	$(PIP) install -q -e '.[gguf,coreml,genai,bench,qnn,dev]'
 	touch $@
 
 setup: $(VENV)/.setup

@@ -197,7 +197,7 @@ def _add_gen_flags(p, bundle_required: bool) -> None:
     p.add_argument("bundle", nargs=None if bundle_required else "?", default=None,
                    help="bundle directory from `edgephi export` (default: the built-in model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "npu", "metal", "cuda"])
-    p.add_argument("--format", default=None, choices=["onnx", "gguf", "coreml"], help="force one format")
+    p.add_argument("--format", default=None, choices=["onnx", "gguf", "coreml", "onnx-npu"], help="force one format")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q4", action="store_true", help="4-bit weights (the default)")
     g.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
-    p.add_argument("--format", default=None, help="comma-separated subset of onnx,gguf,coreml (default: all)")
+    p.add_argument("--format", default=None, help="comma-separated subset of onnx,gguf,coreml,onnx-npu (default: onnx,gguf,coreml)")
     p.add_argument("-o", "--output", default=None, help="bundle directory (default: ./<model>-edgephi-q4)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--gguf-quant", default=None, choices=["q4_k_m", "q4_0", "q8_0", "f16", "bf16"])

@@ -16,7 +16,8 @@ EXPORTERS: dict[str, Callable[..., "FormatResult"]] = {}
 # which bit widths each format accepts (filled in by register)
 BITS: dict[str, tuple[int, ...]] = {}
 # the Python modules each format needs to export (checked before a default export picks its formats)
-REQUIRES: dict[str, tuple[str, ...]] = {"onnx": ("onnx",), "gguf": ("gguf", "llama_cpp"), "coreml": ("coremltools",)}
+REQUIRES: dict[str, tuple[str, ...]] = {"onnx": ("onnx",), "gguf": ("gguf", "llama_cpp"), "coreml": ("coremltools",),
+                                        "onnx-npu": ("onnx",)}
 
 
 @dataclass
@@ -42,7 +43,7 @@ def load_all() -> None:
     """Import every exporter module so that its decorator runs (each imports its heavy deps lazily)."""
     import importlib
 
-    for mod in ("gguf", "onnx", "coreml"):
+    for mod in ("gguf", "onnx", "coreml", "onnx_npu"):
         try:
             importlib.import_module(f"edgephi.export.{mod}")
         except ModuleNotFoundError as e:

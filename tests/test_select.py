@@ -76,3 +76,15 @@ def test_every_reason_is_reported():
 def test_this_machine_probe_is_consistent():
     p = probe()
     assert p.cpu_count >= 1 and "CPUExecutionProvider" in p.ort_providers
+
+
+SNAPDRAGON = Probe(system="Windows", machine="ARM64", cpu_count=12, qnn_htp="hardware",
+                   ort_providers=("CPUExecutionProvider",), modules=frozenset({"onnxruntime_qnn", "llama_cpp"}))
+
+
+def test_snapdragon_prefers_the_npu_when_the_bundle_has_an_npu_model():
+    assert pick(ALL + ("onnx-npu",), p=SNAPDRAGON) == ("qnn", "npu")
+    assert pick(ALL, p=SNAPDRAGON) == ("llamacpp", "cpu")  # no NPU graphs in the bundle
+    emulated = Probe(**{**SNAPDRAGON.__dict__, "machine": "x86_64", "qnn_htp": "emulated"})
+    with pytest.raises(DeviceUnavailableError, match="x86 emulation"):
+        select(ALL + ("onnx-npu",), device="npu", probe=emulated)
