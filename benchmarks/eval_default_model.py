@@ -34,7 +34,9 @@ HELDOUT = [  # (package, version, licence, file)
     ("jinja2", "3.1.6", "BSD-3-Clause", "jinja2/bccache.py"),
     ("jinja2", "3.1.6", "BSD-3-Clause", "jinja2/utils.py"),
 ]
-PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:",
+# Each prompt ends with its line break: the tokenizer learned ":\n" as one piece, so a prompt cut after ":" would
+# end on a piece boundary that training never shows.
+PROMPTS = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n", "class Stack:\n",
            "def is_prime(n):\n    \"\"\"Return True if n is a prime number.\"\"\"\n"]
 
 
@@ -108,8 +110,10 @@ def main(argv=None) -> int:
         "perplexity_per_token": round(math.exp(tot_nll / tot_tok), 3),
         "nats_per_token": round(tot_nll / tot_tok, 4),
     }
-    summary["model_beats_xz9"] = summary["model_bits_per_byte"] < min(summary["xz9_bits_per_byte_per_file"],
-                                                                    summary["xz9_bits_per_byte_concatenated"])
+    # per file is the fair match (the model scores each file on its own); concatenated lets xz reuse other files
+    summary["model_beats_xz9_per_file"] = summary["model_bits_per_byte"] < summary["xz9_bits_per_byte_per_file"]
+    summary["model_beats_xz9_concatenated"] = (summary["model_bits_per_byte"]
+                                               < summary["xz9_bits_per_byte_concatenated"])
     samples = []
     for p in PROMPTS:
         enc = tok(p, return_tensors="pt")  # adds <|endoftext|> in front, as in training
@@ -151,7 +155,8 @@ def markdown(r: dict) -> str:
         f"| xz -9, concatenated | {s['xz9_bits_per_byte_concatenated']:.3f} |", "",
         f"Perplexity {s['perplexity_per_token']:.2f} per token ({s['nats_per_token']:.3f} nats/token, "
         f"{s['bytes_per_token']:.2f} bytes/token; {s['tokens']} tokens, {s['bytes']} bytes). "
-        f"Model beats xz -9: **{'yes' if s['model_beats_xz9'] else 'NO'}**.", "",
+        f"Model beats xz -9 per file (the fair match): **{'yes' if s['model_beats_xz9_per_file'] else 'NO'}**; "
+        f"beats xz -9 on all files concatenated: **{'yes' if s['model_beats_xz9_concatenated'] else 'no'}**.", "",
         "| file | package | licence | bytes | tokens | model bpb | xz -9 bpb | ppl |", "|---|---|---|---|---|---|---|---|",
     ]
     for f in r["files"]:

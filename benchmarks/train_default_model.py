@@ -199,7 +199,11 @@ def train(args, train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, eot
     from transformers import Phi3ForCausalLM
 
     torch.manual_seed(SEED)
-    model = Phi3ForCausalLM(model_config(vocab_size, eot))
+    if args.init:  # continue training a saved checkpoint (stored fp16, trained in fp32)
+        model = Phi3ForCausalLM.from_pretrained(args.init, dtype=torch.float32)
+        model.config.eos_token_id = eot
+    else:
+        model = Phi3ForCausalLM(model_config(vocab_size, eot))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
@@ -322,6 +326,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this checkpoint (its tokenizer too) instead of a fresh model")
     ap.add_argument("--results", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -333,7 +339,10 @@ def main(argv=None) -> int:
     train_files, val_files = split(files, SEED)
     print(f"{len(files)} files ({sum(len(t) for _, t in files) / 1e6:.1f} M chars): "
           f"{len(train_files)} train, {len(val_files)} validation; {len(skipped)} skipped", flush=True)
-    tok = train_tokenizer([t for _, t in train_files], VOCAB_SIZE)
+    if args.init:  # same files and seed give the same split; reuse the checkpoint's tokenizer
+        tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
+    else:
+        tok = train_tokenizer([t for _, t in train_files], VOCAB_SIZE)
     vocab_size = tok.get_vocab_size()
     train_ids = encode_docs(tok, [t for _, t in train_files])
     val_ids = encode_docs(tok, [t for _, t in val_files])
@@ -367,7 +376,7 @@ def main(argv=None) -> int:
         "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "clip": 1.0,
                       "schedule": f"linear warmup {args.warmup:.0%}, cosine to 10%"},
         "seq": args.seq, "batch": args.batch, "threads": args.threads, "dtype": "fp32 training, fp16 stored",
-        "model": MODEL, "vocab_size": vocab_size, "seed": SEED,
+        "model": MODEL, "vocab_size": vocab_size, "seed": SEED, "init": str(args.init) if args.init else None,
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}",
         "git_commit": git_commit(),
     }
