@@ -44,16 +44,62 @@ def _read_json(path: Path) -> dict:
 
 
 def tokenizer_kind(ckpt_dir: Path) -> str:
-    """ "gpt2" (byte-level BPE in tokenizer.json) or "llama" (SentencePiece tokenizer.model)."""
+    """ "gpt2" (byte-level BPE in tokenizer.json), "llama" (SentencePiece tokenizer.model) or "llama-json"
+    (a SentencePiece-style BPE in tokenizer.json alone: "▁" for spaces, byte fallback)."""
     tj = ckpt_dir / "tokenizer.json"
     if tj.is_file() and _pre_tokenizer_shape(_read_json(tj).get("pre_tokenizer")) is not None:
         return "gpt2"
     if (ckpt_dir / "tokenizer.model").is_file():
         return "llama"
+    if tj.is_file() and _is_spm_style_bpe(_read_json(tj)):
+        return "llama-json"
     if tj.is_file():
         raise NotImplementedError(f"{tj}: neither a byte-level BPE tokenizer nor accompanied by tokenizer.model "
                                   "(SentencePiece); edgephi's GGUF export supports those two")
     raise FileNotFoundError(f"{ckpt_dir}: no tokenizer.json or tokenizer.model (GGUF files carry the tokenizer)")
+
+
+def _is_spm_style_bpe(tok: dict) -> bool:
+    model = tok.get("model") or {}
+    return model.get("type") == "BPE" and bool(model.get("byte_fallback")) and "\u2581" in json.dumps(
+        tok.get("normalizer"), ensure_ascii=False) + json.dumps(tok.get("pre_tokenizer"), ensure_ascii=False)
+
+
+def _prepends_space(tok: dict) -> bool:
+    """Whether the normalizer / pre-tokenizer puts a "▁" before the text (llama.cpp's add_space_prefix)."""
+    text = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer")])
+    return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"add_prefix_space": true' in text
+
+
+def _spm_vocab_from_json(ckpt_dir: Path, n_vocab: int) -> tuple[list[str], list[float], list[int]]:
+    """tokens, scores, types for llama.cpp's SentencePiece tokenizer from a BPE tokenizer.json.
+
+    llama.cpp's SPM tokenizer repeatedly merges the adjacent pair whose concatenation is the highest-scoring
+    vocabulary piece; giving each piece the score -rank of the merge that creates it makes it apply the merges
+    in the BPE model's order.
+    """
+    tj = ckpt_dir / "tokenizer.json"
+    model = _read_json(tj)["model"]
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    scores = [-1e9] * n_vocab
+    types = [UNUSED] * n_vocab
+    rank = {}
+    for r, m in enumerate(model.get("merges") or []):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        rank.setdefault(left + right, r)
+    unk = model.get("unk_token")
+    for tok, i in model["vocab"].items():
+        if i >= n_vocab:
+            raise ValueError(f"{tj}: token {tok!r} has id {i} >= config.json vocab_size {n_vocab}")
+        tokens[i], scores[i] = tok, -float(rank.get(tok, 0))
+        is_byte = len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+        types[i] = UNKNOWN if tok == unk else BYTE if is_byte else NORMAL
+    for i, (content, special) in _added_tokens(ckpt_dir).items():
+        if i >= n_vocab:
+            raise ValueError(f"{tj}: added token {content!r} has id {i} >= config.json vocab_size {n_vocab}")
+        tokens[i], scores[i] = content, 0.0
+        types[i] = UNKNOWN if content == unk else CONTROL if special else USER_DEFINED
+    return tokens, scores, types
 
 
 def _pre_tokenizer_shape(pre) -> str | None:
@@ -142,8 +188,12 @@ def add_vocab(writer, ckpt_dir: Path, spec: PhiSpec, tokenizer_pre: str | None =
 
     kind = tokenizer_kind(ckpt_dir)
     n_vocab = spec.vocab_size
-    if kind == "llama":
-        tokens, scores, types = _spm_vocab(ckpt_dir, n_vocab)
+    if kind in ("llama", "llama-json"):
+        if kind == "llama":
+            tokens, scores, types = _spm_vocab(ckpt_dir, n_vocab)
+        else:
+            tokens, scores, types = _spm_vocab_from_json(ckpt_dir, n_vocab)
+            writer.add_add_space_prefix(_prepends_space(_read_json(ckpt_dir / "tokenizer.json")))
         writer.add_tokenizer_model("llama")
         writer.add_tokenizer_pre(tokenizer_pre or "default")
         writer.add_token_list(tokens)

@@ -257,3 +257,25 @@ def test_window_cap_warns(exported, caplog):
         s = open_gguf(path, spec, threads=THREADS, sliding_window="cap")
     assert s.n_ctx == spec.effective_sliding_window
     assert "sliding window" in caplog.text
+
+
+def test_spm_style_tokenizer_json_without_tokenizer_model(tmp_path):
+    """The shipped default model has only a tokenizer.json (SentencePiece-style BPE, no leading-space prefix):
+    llama.cpp's own tokenizer on the exported GGUF must give edgephi's ids."""
+    import gguf
+    import llama_cpp
+
+    from edgephi.default_model import DATA
+    from edgephi.quality import heldout_text
+    from edgephi.tokenizer import Tokenizer
+
+    spec = PhiSpec.from_hf_config(DATA)
+    res = get("gguf")(DATA, spec, tmp_path, bits=16)
+    path = tmp_path.parent / res.entry  # entry is relative to out_dir's parent (the bundle root)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"
+    assert bool(fields["tokenizer.ggml.add_space_prefix"].parts[-1][0]) is False
+    text = heldout_text()[:4000]
+    ours = Tokenizer.from_dir(DATA).encode(text)
+    llm = llama_cpp.Llama(str(path), n_ctx=64, verbose=False)
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ours
