@@ -13,13 +13,14 @@ from .backends.base import BACKENDS, DEVICES, Backend
 from .devices import Probe, probe as probe_this_machine
 
 DEVICE_ORDER = ("npu", "metal", "cuda", "cpu")
-# Within a device, fastest first.  CPU order from benchmarks/results (edgephi bench on a 2-core x86-64 machine):
+# Within a device, fastest first.  CPU: benchmarks/results/bench_phi-3-mini_t2.md (2-core AMD EPYC, Phi-3-mini
+# shape, medians of 3): the ONNX backend decodes 10.25 tok/s, the llama.cpp backend 7.0 (prefill within 12%),
 # see README "Which backend wins".  Accelerators: llama.cpp's Metal and CUDA kernels before ONNX Runtime's.
 BACKEND_ORDER = {
     "npu": ("coreml", "qnn"),  # qnn: ONNX Runtime with Qualcomm's HTP (edgephi/backends/qnn.py)
     "metal": ("llamacpp", "coreml"),
     "cuda": ("llamacpp", "onnx"),
-    "cpu": ("llamacpp", "onnx", "coreml"),
+    "cpu": ("onnx", "llamacpp", "coreml"),
 }
 BACKEND_MODULES = ("onnx", "llamacpp", "coreml", "qnn")
 
