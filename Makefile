@@ -10,7 +10,7 @@ PIP := $(VENV)/bin/python -m pip
 NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 export CMAKE_ARGS := -DCMAKE_C_FLAGS='$(NO_AMX)' -DCMAKE_CXX_FLAGS='$(NO_AMX)' -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 DEMO_BUNDLE := bundles/default
-PROMPT ?= def fibonacci(n):
+PROMPT ?= def fibonacci(n):\n
 
 .PHONY: demo test setup setup-dev bench clean
 
@@ -34,7 +34,7 @@ setup-dev: $(VENV)/.setup-dev
 
 demo: setup
 	$(VENV)/bin/edgephi export default -o $(DEMO_BUNDLE) --force
-	$(VENV)/bin/edgephi run $(DEMO_BUNDLE) -p "$(PROMPT)" --raw --max-tokens 48 --verbose
+	$(VENV)/bin/edgephi run $(DEMO_BUNDLE) -p $$'$(PROMPT)' --raw --max-tokens 64 --temperature 0.8 --top-p 0.95 --seed 1 --verbose
 
 test: setup-dev
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider
