@@ -48,14 +48,7 @@ EXCLUDE_FILE_PREFIXES = ("_sysconfigdata",)  # generated at build time
 MAX_FILE_BYTES = 256 * 1024
 # encodings/*.py made by Tools/unicode/gencodec.py are mostly 256-entry decoding tables
 GENERATED_MARKERS = ("generated from", "gencodec.py")
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
+from edgephi.tokenizer import PHI3_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: E402  (Phi-3's published one)
 MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 

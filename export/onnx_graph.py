@@ -118,17 +118,20 @@ class GraphBuilder:
     # ---- output --------------------------------------------------------------------------------------------
     def save(self, model_path: Path, graph_name: str, metadata: dict[str, str]) -> None:
         self._data.close()
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                       helper.make_opsetid(MS_DOMAIN, 1)],
-                                  producer_name="edgephi", ir_version=IR_VERSION)
-        for k, v in metadata.items():
-            model.metadata_props.add(key=k, value=v)
-        tmp = Path(str(model_path) + ".tmp")
-        tmp.write_bytes(model.SerializeToString())
-        tmp.replace(model_path)
+        write_model(model_path, self, graph_name, metadata)
 
     def close(self) -> None:
         if not self._data.closed:
             self._data.close()
 
+
+def write_model(model_path: Path, g, graph_name: str, metadata: dict[str, str]) -> None:
+    """Serialize g's nodes, inputs, outputs and initializers as an ONNX model, written to a temporary name first."""
+    graph = helper.make_graph(g.nodes, graph_name, g.inputs, g.outputs, g.initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+                              producer_name="edgephi", ir_version=IR_VERSION)
+    for k, v in metadata.items():
+        model.metadata_props.add(key=k, value=v)
+    tmp = Path(str(model_path) + ".tmp")
+    tmp.write_bytes(model.SerializeToString())
+    tmp.replace(model_path)

@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 from edgephi.spec import PhiSpec
 
-from .onnx_graph import IR_VERSION, MS_DOMAIN, OPSET, GraphBuilder
+from .onnx_graph import MS_DOMAIN, GraphBuilder, write_model
 from .onnx_quant import quantize_int4
 
 F16 = TensorProto.FLOAT16
@@ -67,15 +67,7 @@ class SharedBuilder(GraphBuilder):
 
     def save_graph(self, model_path: Path, graph_name: str, metadata: dict[str, str]) -> None:
         self._data.flush()
-        graph = helper.make_graph(self.nodes, graph_name, self.inputs, self.outputs, self.initializers)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET),
-                                                       helper.make_opsetid(MS_DOMAIN, 1)],
-                                  producer_name="edgephi", ir_version=IR_VERSION)
-        for k, v in metadata.items():
-            model.metadata_props.add(key=k, value=v)
-        tmp = Path(str(model_path) + ".tmp")
-        tmp.write_bytes(model.SerializeToString())
-        tmp.replace(model_path)
+        write_model(model_path, self, graph_name, metadata)
 
 
 def rope_table(spec: PhiSpec, n_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -232,7 +224,7 @@ class NpuGraph:
             x = g.op("Add", [x, o], f"{n}/attn_residual")
             h = self.rmsnorm(x, p + "post_attention_layernorm.weight", f"{n}/post_attention_layernorm")
             gu = self.linear(f"{n}/mlp/gate_up_proj", h, self._w(p + "mlp.gate_up_proj.weight"), None)
-            gate, up = g.node("Split", [gu, g.scalar(f"/const/split/mlp", [s.intermediate_size] * 2)],
+            gate, up = g.node("Split", [gu, g.scalar("/const/split/mlp", [s.intermediate_size] * 2)],
                               f"{n}/mlp/Split", 2, axis=-1)
             silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{n}/mlp/Sigmoid")], f"{n}/mlp/silu")
             d = self.linear(f"{n}/mlp/down_proj", g.op("Mul", [silu, up], f"{n}/mlp/gate_mul"),
