@@ -42,14 +42,7 @@ def onnx_export(tiny_checkpoint, tmp_path_factory):
     return get
 
 
-def greedy(session: OnnxSession, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    """Same contract as tiny.reference_greedy: (tokens, logits of each step)."""
-    logits = [session.forward(prompt)]
-    out = []
-    for _ in range(steps):
-        out.append(int(np.argmax(logits[-1])))
-        logits.append(session.forward([out[-1]]))
-    return out, np.stack(logits[:-1])
+greedy = tiny.session_greedy
 
 
 def rel_err(a: np.ndarray, ref: np.ndarray) -> float:

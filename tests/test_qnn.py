@@ -68,13 +68,7 @@ def exports(tiny_checkpoint, tmp_path_factory):
     return get
 
 
-def greedy(session, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
-    logits = [session.forward(prompt)]
-    out = []
-    for _ in range(steps):
-        out.append(int(np.argmax(logits[-1])))
-        logits.append(session.forward([out[-1]]))
-    return out, np.stack(logits[:-1])
+greedy = tiny.session_greedy
 
 
 def min_gap(logits: np.ndarray) -> float:

@@ -139,6 +139,16 @@ def reference_greedy(model, prompt: list[int], steps: int) -> tuple[list[int], n
     return out, np.stack(step_logits[:-1])
 
 
+def session_greedy(session, prompt: list[int], steps: int) -> tuple[list[int], np.ndarray]:
+    """Greedy decode through any edgephi Session, with reference_greedy's contract: (tokens, logits of each step)."""
+    logits = [session.forward(prompt)]
+    out = []
+    for _ in range(steps):
+        out.append(int(np.argmax(logits[-1])))
+        logits.append(session.forward([out[-1]]))
+    return out, np.stack(logits[:-1])
+
+
 def random_prompt(n: int, vocab: int, seed: int = 0, low: int = 100) -> list[int]:
     """Prompt ids drawn from ordinary tokens (avoiding specials at the top and bytes at the bottom)."""
     rng = np.random.default_rng(seed)
