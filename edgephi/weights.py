@@ -176,6 +176,24 @@ class Checkpoint:
             arr = arr.copy()
         return arr
 
+    def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        """Rows start..stop-1 of a tensor (along its first axis), read with one positioned read."""
+        info = self.info(name)
+        np_dtype, _ = _DTYPES[info.dtype]
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
+        row_bytes = info.nbytes // rows if rows else 0
+        with open(info.file, "rb") as f:
+            f.seek(info.offset + start * row_bytes)
+            buf = f.read((stop - start) * row_bytes)
+        if len(buf) != (stop - start) * row_bytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape((stop - start,) + tuple(info.shape[1:]))
+        if info.dtype == "BF16":
+            arr = bf16_to_f32(arr)
+        return arr.astype(dtype) if arr.dtype != np.dtype(dtype) else arr.copy()
+
     def check(self, spec) -> None:
         """Every tensor the spec needs is present with the shape config.json implies."""
         expected = spec.tensor_shapes()

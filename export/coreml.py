@@ -49,8 +49,12 @@ def convert(prog, spec, context: int):
     inputs = [ct.TensorType(name=INPUT_IDS, shape=ct.Shape((1, ct.RangeDim(1, context, default=1))),
                             dtype=np.int32),  # an explicit upper bound, or coremltools makes it 2
               ct.TensorType(name=POSITION, shape=(1,), dtype=np.int32)]
+    # const_deduplication would merge the (identical) placeholders of deferred weights; real checkpoints have no
+    # duplicate tensors to merge (tied embeddings share one const by construction)
+    passes = ct.PassPipeline.DEFAULT
+    passes.remove_passes(["common::const_deduplication"])
     return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=ct.target.iOS18, inputs=inputs,
-                      compute_precision=ct.precision.FLOAT16, skip_model_load=True)
+                      compute_precision=ct.precision.FLOAT16, skip_model_load=True, pass_pipeline=passes)
 
 
 def metadata(spec, bits: int, context: int) -> dict[str, str]:
@@ -70,8 +74,14 @@ def metadata(spec, bits: int, context: int) -> dict[str, str]:
     }
 
 
-def build(ckpt_dir, spec, *, bits: int, context: int, progress=None, drop_cache_write_layer: int | None = None):
-    """(MLModel, Weights) for a checkpoint; tests use drop_cache_write_layer to prove they catch a lost update."""
+def build(ckpt_dir, spec, *, bits: int, context: int, progress=None, drop_cache_write_layer: int | None = None,
+          deferred: bool = True):
+    """(MLModel, Weights) for a checkpoint; save it with save_package.
+
+    deferred (the default) keeps the weights out of the program until save_package writes them into the saved
+    blob (coreml_blob.py); tests use deferred=False as the oracle and drop_cache_write_layer to prove they catch a
+    lost cache update.
+    """
     from .coreml_graph import build_program
     from .coreml_layers import Weights
 
@@ -79,9 +89,17 @@ def build(ckpt_dir, spec, *, bits: int, context: int, progress=None, drop_cache_
         raise ValueError(f"coreml export: bits={bits!r}; supported: {', '.join(map(str, QUANT_NAMES))}")
     ckpt = Checkpoint(ckpt_dir)
     ckpt.check(spec)  # missing tensors / wrong shapes fail here, naming the tensor
-    weights = Weights(ckpt, bits, progress, total=len(spec.tensor_shapes()))
+    weights = Weights(ckpt, bits, progress, total=len(spec.tensor_shapes()), deferred=deferred)
     prog = build_program(spec, weights, context, drop_cache_write_layer=drop_cache_write_layer)
     return convert(prog, spec, context), weights
+
+
+def save_package(model, weights, path: Path) -> None:
+    """Save the package, then write the deferred weights into its blob."""
+    from .coreml_blob import fill
+
+    model.save(str(path))
+    fill(path, weights)
 
 
 @register("coreml", bits=(4, 16))
@@ -100,7 +118,7 @@ def export(ckpt_dir, spec, out_dir, *, bits: int, progress=None, context_length:
                                f"of {context} tokens (inputs input_ids, position; output logits)")
     model.user_defined_metadata.update(metadata(spec, bits, context))
     path = out_dir / PACKAGE
-    model.save(str(path))
+    save_package(model, weights, path)
     log.info("coreml: wrote %s (%s, context %d)", path, QUANT_NAMES[bits], context)
     return FormatResult(format="coreml", files=[relpath(path, out_dir)], bits=bits, quant=QUANT_NAMES[bits],
                         entry=relpath(path, out_dir),

@@ -26,37 +26,63 @@ def mil_name(hf_name: str) -> str:
 
 
 class Weights:
-    """Reads one tensor at a time from the checkpoint and turns it into a MIL constant as it arrives.
+    """Turns checkpoint tensors into MIL constants, one tensor at a time.
 
-    bits=4: 2-D weights become int4 data + fp16 scales (constexpr_blockwise_shift_scale); the float32 copy is
-    dropped as soon as it is quantized.  bits=16: fp16 constants.  Vectors (norms, biases) are fp16 always.
+    bits=4: 2-D weights become int4 data + fp16 scales (constexpr_blockwise_shift_scale); bits=16: fp16
+    constants.  Vectors (norms, biases) are read now and kept in fp16 always.
+
+    deferred=True (what the exporter uses): a matrix's constants are zero-strided placeholders of the right shape
+    and dtype, so the program, its conversion and coremltools' save never hold the weights; coreml_blob.fill then
+    quantizes each tensor from the checkpoint, a block of rows at a time, into the saved weight blob at the offsets
+    coremltools gave the placeholders.  deferred=False puts the real values in the program (the tests' oracle:
+    both must save byte-identical packages).
     """
 
-    def __init__(self, ckpt, bits: int, progress: Callable[[int, int], None] | None = None, total: int = 0):
-        self.ckpt, self.bits, self.progress, self.total = ckpt, bits, progress, total
+    def __init__(self, ckpt, bits: int, progress: Callable[[int, int], None] | None = None, total: int = 0,
+                 deferred: bool = False):
+        self.ckpt, self.bits, self.progress, self.total, self.deferred = ckpt, bits, progress, total, deferred
         self.done = 0
         self.fp16_fallback: list[str] = []
+        # where the saved program stores it (coreml_blob.blob_offsets) -> (checkpoint tensor, "q" | "scale" | "f16"), for the placeholders coreml_blob.fill writes
+        self.pending: dict[str, tuple[str, str]] = {}
 
-    def _read(self, name: str) -> np.ndarray:
-        arr = self.ckpt.read(name, np.float32)
+    def count(self) -> None:
         self.done += 1
         if self.progress is not None:
             self.progress(self.done, self.total)
+
+    def _read(self, name: str) -> np.ndarray:
+        arr = self.ckpt.read(name, np.float32)
+        self.count()
         return arr
+
+    def _const(self, name: str, kind: str, val_or_shape, dtype) -> object:
+        """A named const: the real value, or (deferred) a placeholder recorded in self.pending."""
+        cname = mil_name(name) + {"q": "_q", "scale": "_scale", "f16": ""}[kind]
+        if self.deferred:  # saved as a const op (f16) or inline as the constexpr op's data / scale argument
+            val = np.broadcast_to(np.zeros((), dtype=dtype), val_or_shape)
+            self.pending[mil_name(name) + {"q": "/data", "scale": "/scale", "f16": ""}[kind]] = (name, kind)
+        else:
+            val = val_or_shape
+        return mb.const(val=val, name=cname)
 
     def matrix(self, name: str):
         """(out, in) weight as a MIL const (int4 block-wise or fp16)."""
-        w = self._read(name)
-        if self.bits == 4 and can_quantize(w.shape):
-            q, scale = quantize_int4(w)
-            del w
-            return mb.constexpr_blockwise_shift_scale(data=q.astype(types.np_int4_dtype), scale=scale,
+        shape = tuple(self.ckpt.info(name).shape)
+        if self.bits == 4 and can_quantize(shape):
+            if self.deferred:
+                q, scale = shape, (shape[0], shape[1] // BLOCK)
+            else:
+                q, scale = quantize_int4(self._read(name))
+                q = q.astype(types.np_int4_dtype)
+            return mb.constexpr_blockwise_shift_scale(data=self._const(name, "q", q, types.np_int4_dtype),
+                                                      scale=self._const(name, "scale", scale, FP16),
                                                       name=mil_name(name))
         if self.bits == 4:
             log.warning("%s: shape %s has an input size that is not a multiple of %d; kept in fp16",
-                        name, list(w.shape), BLOCK)
+                        name, list(shape), BLOCK)
             self.fp16_fallback.append(name)
-        return mb.const(val=w.astype(FP16), name=mil_name(name))
+        return self._const(name, "f16", shape if self.deferred else self._read(name).astype(FP16), FP16)
 
     def vector(self, name: str) -> np.ndarray:
         return self._read(name).astype(FP16)

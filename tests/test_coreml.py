@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import platform
+import re
 import shutil
 from pathlib import Path
 
@@ -46,9 +47,9 @@ def exported(tiny_checkpoint, tmp_path_factory):
                 assert res.entry == "coreml/model.mlpackage"
             else:
                 spec = PhiSpec.from_hf_config(ckpt)
-                model, _ = cm.build(ckpt, spec, bits=bits, context=spec.max_position_embeddings,
-                                    drop_cache_write_layer=drop_cache_write_layer)
-                model.save(str(out / cm.PACKAGE))
+                model, weights = cm.build(ckpt, spec, bits=bits, context=spec.max_position_embeddings,
+                                          drop_cache_write_layer=drop_cache_write_layer)
+                cm.save_package(model, weights, out / cm.PACKAGE)
             cache[key] = out / cm.PACKAGE
         return cache[key]
 
@@ -211,6 +212,63 @@ def test_rewind_masks_stale_cache_entries(exported, tiny_checkpoint, reference_m
     got = ev.predict({"input_ids": np.array([new], np.int32), "position": np.array([24], np.int32)})["logits"][0]
     ref = tiny.reference_logits(model, prompt + new)[-2:]
     assert np.abs(got - ref).max() / np.abs(ref).max() < TOL
+
+
+# ---- streamed weights ------------------------------------------------------------------------------------------
+def _files(package: Path) -> dict[str, object]:
+    """Every file's bytes, except what differs between two saves of one program: Manifest.json's random
+    identifiers, and the numbers coremltools' state lowering takes from a process-wide counter."""
+    files = {str(f.relative_to(package)): f.read_bytes() for f in sorted(package.rglob("*")) if f.is_file()}
+    manifest = json.loads(files.pop("Manifest.json"))
+    files["Manifest.json"] = sorted(json.dumps(e, sort_keys=True) for e in manifest["itemInfoEntries"].values())
+    from coremltools.proto import Model_pb2
+    from google.protobuf import text_format
+
+    path = "Data/com.apple.CoreML/model.mlmodel"
+    spec = Model_pb2.Model()
+    spec.ParseFromString(files[path])
+    numbers: dict[str, str] = {}
+    files[path] = re.sub(r"coreml_update_state_(\d+)",
+                         lambda m: "coreml_update_state_#" + numbers.setdefault(m[1], str(len(numbers))),
+                         text_format.MessageToString(spec))
+    return files
+
+
+@pytest.mark.parametrize("variant,bits", [("phi-3-mini-4k", 4), ("phi-2", 4), ("phi-4-mini", 4), ("phi-2", 16)])
+def test_streamed_weights_give_the_package_coremltools_writes(variant, bits, tiny_checkpoint, tmp_path):
+    """The exporter saves placeholders and fills the blob afterwards (coreml_blob.py); the result must be, byte
+    for byte, the package coremltools saves from a program holding the real weights."""
+    ckpt = tiny_checkpoint(variant)
+    spec = PhiSpec.from_hf_config(ckpt)
+    packages = {}
+    for deferred in (True, False):
+        model, weights = cm.build(ckpt, spec, bits=bits, context=spec.max_position_embeddings, deferred=deferred)
+        assert bool(weights.pending) == deferred
+        packages[deferred] = tmp_path / f"deferred-{deferred}.mlpackage"
+        cm.save_package(model, weights, packages[deferred])
+    streamed, oracle = _files(packages[True]), _files(packages[False])
+    assert streamed.keys() == oracle.keys()
+    different = [name for name in oracle if streamed[name] != oracle[name]]
+    assert not different, f"{variant} bits={bits}: {different} differ"
+
+
+def test_blob_fill_refuses_a_package_it_did_not_lay_out(tiny_checkpoint, tmp_path):
+    """A record that is not the placeholder the program asked for (wrong type or size) is refused, naming it."""
+    from edgephi.export import coreml_blob
+
+    ckpt = tiny_checkpoint("phi-3-mini-4k")
+    spec = PhiSpec.from_hf_config(ckpt)
+    model, weights = cm.build(ckpt, spec, bits=4, context=spec.max_position_embeddings)
+    package = tmp_path / "model.mlpackage"
+    model.save(str(package))
+    name = "model_layers_0_self_attn_qkv_proj_weight/data"
+    fname, offset = coreml_blob.blob_offsets(package)[name]
+    blob = package / "Data" / "com.apple.CoreML" / "weights" / Path(fname).name
+    with open(blob, "r+b") as f:  # call the int4 data fp16
+        f.seek(offset + 4)
+        f.write((1).to_bytes(4, "little"))
+    with pytest.raises(coreml_blob.BlobError, match=name):
+        coreml_blob.fill(package, weights)
 
 
 # ---- errors -------------------------------------------------------------------------------------------------

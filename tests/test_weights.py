@@ -27,6 +27,20 @@ def test_tensors_equal_safetensors_own_reader(tiny_checkpoint, variant):
     assert seen == len(ref)
 
 
+@pytest.mark.parametrize("variant", ["phi-3-mini-4k", "phi-2", "phi-3-mini-128k"])  # bf16, fp16, fp32
+def test_row_blocks_equal_the_whole_tensor(tiny_checkpoint, variant):
+    ckpt = Checkpoint(tiny_checkpoint(variant))
+    name = "model.embed_tokens.weight"
+    whole = ckpt.read(name)
+    rows = whole.shape[0]
+    cuts = [0, 1, 1000, rows - 7, rows]
+    got = np.concatenate([ckpt.read_rows(name, a, b) for a, b in zip(cuts, cuts[1:])])
+    np.testing.assert_array_equal(got, whole)
+    assert ckpt.read_rows(name, 5, 5).shape == (0, whole.shape[1])
+    with pytest.raises(IndexError, match=name):
+        ckpt.read_rows(name, 10, rows + 1)
+
+
 def test_sharded_checkpoint(tmp_path, tiny_checkpoint):
     model = tiny.load_reference(tiny_checkpoint("phi-3-medium"))
     model.save_pretrained(tmp_path, max_shard_size="1MB")
