@@ -27,13 +27,6 @@ RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_CONFIG = REPO / "tests" / "data" / "configs" / "Phi-3-mini-4k-instruct.json"
 GOALS = {"bits_per_weight": 4.6, "peak_rss_gb": 1.5}
 
-WRAPPER = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-rc = subprocess.call(sys.argv[1:])
-wall = time.perf_counter() - t
-print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
 EXPORT = r"""
 import logging, sys
 logging.basicConfig(level=logging.WARNING)
@@ -44,14 +37,6 @@ ckpt, out = Path({ckpt!r}), Path({out!r})
 out.mkdir(parents=True)
 export(ckpt, PhiSpec.from_hf_config(ckpt), out, bits={bits}, context_length={context})
 """
-
-
-def measure(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise RuntimeError(f"export failed (rc {res['rc']}): {out.stderr[-3000:]}")
-    return {"wall_s": round(res["wall_s"], 1), "peak_rss_gb": round(res["peak_rss_kb"] / 1e6, 3)}
 
 
 def tree_bytes(path: Path) -> int:
@@ -76,12 +61,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from edgephi.spec import PhiSpec
+    from shapes import make_shape_checkpoint, measure_child
 
     if args.checkpoint is None:
-        sys.path.insert(0, str(REPO / "benchmarks"))
-        from shapes import make_shape_checkpoint
-
         ckpt = make_shape_checkpoint(args.config)
     else:
         ckpt = args.checkpoint
@@ -91,7 +75,7 @@ def main(argv=None) -> int:
         work = Path(tempfile.mkdtemp(prefix="coreml-bench-"))
         try:
             out = work / "coreml"
-            res = measure([sys.executable, "-c", EXPORT.format(ckpt=str(ckpt), out=str(out), bits=args.bits,
+            res = measure_child([sys.executable, "-c", EXPORT.format(ckpt=str(ckpt), out=str(out), bits=args.bits,
                                                               context=args.context_length)])
             size = tree_bytes(out / "model.mlpackage")
         finally:

@@ -32,15 +32,6 @@ DEFAULT_SRC = Path("/tmp/llsrc/llama_cpp_python-0.3.36/vendor/llama.cpp")
 # figures measured before on this machine class (F16 convert, Q4_K_M quantize): seconds, GB
 PEER_BEFORE = {"f16": (31.0, 0.93), "q4_k_m": (117.0, 0.71)}
 
-# A wrapper that runs one command and reports its wall time and the peak RSS of it and its children.
-WRAPPER = r"""
-import json, resource, subprocess, sys, time
-t = time.perf_counter()
-rc = subprocess.call(sys.argv[1:], cwd="/tmp")
-wall = time.perf_counter() - t
-print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
-"""
-
 EDGEPHI_F16 = r"""
 import sys; sys.path.insert(0, {repo!r})
 from pathlib import Path
@@ -54,14 +45,6 @@ from pathlib import Path
 from edgephi.export.gguf import quantize
 quantize(Path({src!r}), Path({out!r}), "q4_k_m", {threads})
 """
-
-
-def measure(cmd: list[str]) -> dict:
-    out = subprocess.run([sys.executable, "-c", WRAPPER, *cmd], capture_output=True, text=True, check=True)
-    res = json.loads(out.stdout.strip().splitlines()[-1])
-    if res["rc"] != 0:
-        raise RuntimeError(f"{' '.join(cmd[:3])}... failed (rc {res['rc']}): {out.stderr[-2000:]}")
-    return {"wall_s": round(res["wall_s"], 2), "peak_rss_gb": round(res["peak_rss_kb"] / 1e6, 3)}
 
 
 def steps(ckpt: Path, work: Path, src: Path, threads: int) -> dict[str, list[str]]:
@@ -98,7 +81,7 @@ def main(argv=None) -> int:
         ap.error(f"{args.llama_src}: no convert_hf_to_gguf.py; get it with `pip download --no-deps --no-binary :all: "
                  "llama-cpp-python==0.3.36 -d /tmp/llsrc` and unpack it")
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from shapes import make_shape_checkpoint
+    from shapes import make_shape_checkpoint, measure_child
 
     t = time.perf_counter()
     ckpt = make_shape_checkpoint(args.config)
@@ -115,7 +98,7 @@ def main(argv=None) -> int:
     try:
         for run in range(args.runs):
             for name, cmd in steps(ckpt, work, args.llama_src, args.threads).items():
-                r = measure(cmd)
+                r = measure_child(cmd, cwd="/tmp")
                 rows.setdefault(name, []).append(r)
                 print(f"run {run + 1}/{args.runs} {name:18s} {r['wall_s']:8.1f} s  {r['peak_rss_gb']:.2f} GB", flush=True)
                 with open(RESULTS / "gguf_export.jsonl", "a") as f:

@@ -16,6 +16,7 @@ import math
 import os
 import shutil
 import struct
+import subprocess
 import sys
 from pathlib import Path
 
@@ -125,3 +126,24 @@ def _write_tokenizer(out: Path, spec) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
     print(make_shape_checkpoint(sys.argv[1], *(sys.argv[2:3] or [None])))
+
+
+# Runs one command and reports its wall time and the peak RSS of it and its children.  A fresh wrapper process per
+# measurement reads resource.getrusage(RUSAGE_CHILDREN), so one measurement never inherits another's peak.
+_WRAPPER = r"""
+import json, resource, subprocess, sys, time
+t = time.perf_counter()
+rc = subprocess.call(sys.argv[2:], cwd=sys.argv[1] or None)
+wall = time.perf_counter() - t
+print(json.dumps({"rc": rc, "wall_s": wall, "peak_rss_kb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))
+"""
+
+
+def measure_child(cmd: list[str], cwd: str | None = None) -> dict:
+    """{"wall_s", "peak_rss_gb"} of cmd run in a child process; a failing command raises with its stderr."""
+    out = subprocess.run([sys.executable, "-c", _WRAPPER, cwd or "", *cmd], capture_output=True, text=True,
+                         check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    if res["rc"] != 0:
+        raise RuntimeError(f"{' '.join(cmd[:3])}... failed (rc {res['rc']}): {out.stderr[-3000:]}")
+    return {"wall_s": round(res["wall_s"], 2), "peak_rss_gb": round(res["peak_rss_kb"] / 1e6, 3)}
