@@ -362,7 +362,7 @@ def main(argv=None) -> int:
     training = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "replay": f"python benchmarks/train_default_model.py --out {args.out} --steps {steps} "
-                  f"--seq {args.seq} --batch {args.batch} --lr {args.lr}",
+                  f"--seq {args.seq} --batch {args.batch} --lr {args.lr} --warmup {args.warmup} --threads {args.threads}",
         "steps": steps, "train_seconds": round(seconds, 1), "tokens_seen": steps * args.seq * args.batch,
         "epochs": round(steps * args.seq * args.batch / len(train_ids), 3),
         "final_val_loss_nats_per_token": round(final_val, 4),
