@@ -65,7 +65,8 @@ def test_two_turns_second_evaluates_only_its_new_tokens(bundle):
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session_then_reset(bundle):
-    child = _spawn(bundle, "--max-tokens", "100000", "--ctx", "400")  # answers end at the context
+    # answers end at the context: 2048 tokens take the tiny default model about 2 s, long enough for Ctrl-C to land
+    child = _spawn(bundle, "--max-tokens", "100000", "--ctx", "2048")
     child.sendline("Write a very long story.")
     child.expect(r"\S", timeout=30)  # the answer has started streaming
     child.sendintr()
