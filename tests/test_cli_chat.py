@@ -68,6 +68,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session_then_reset(bundle):
     # answers end at the context: 2048 tokens take the tiny default model about 2 s, long enough for Ctrl-C to land
     child = _spawn(bundle, "--max-tokens", "100000", "--ctx", "2048")
     child.sendline("Write a very long story.")
+    child.expect_exact("Write a very long story.")  # the terminal's echo of the line, not yet the answer
     child.expect(r"\S", timeout=30)  # the answer has started streaming
     child.sendintr()
     child.expect(r"\[stopped\]")
