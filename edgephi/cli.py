@@ -5,6 +5,7 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
 
 from . import __version__
@@ -124,6 +125,9 @@ def cmd_chat(args) -> int:
 
     model = _load(args)
     kwargs = _gen_kwargs(args)
+    # Ctrl-C stops an answer even when the shell started us with SIGINT ignored (a background job, nohup, some CI
+    # runners): Python installs its KeyboardInterrupt handler only when SIGINT is not ignored at start-up
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"edgephi {__version__} · {model.path} · {model.backend} on {model.device} · context "
           f"{model.session.n_ctx} tokens\n/reset starts over, /exit quits, Ctrl-C stops an answer.", flush=True)
     while True:

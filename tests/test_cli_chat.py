@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,10 +27,14 @@ def bundle(tmp_path_factory):
     return out, env
 
 
-def _spawn(bundle, *extra):
+def _ignore_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _spawn(bundle, *extra, preexec_fn=None):
     out, env = bundle
     child = pexpect.spawn(EDGEPHI, ["chat", str(out), "--format", "onnx", *extra], env=env, encoding="utf-8",
-                          timeout=60, dimensions=(40, 200))
+                          timeout=60, dimensions=(40, 200), preexec_fn=preexec_fn)
     child.expect(">>> ")
     return child
 
@@ -66,7 +71,8 @@ def test_two_turns_second_evaluates_only_its_new_tokens(bundle):
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session_then_reset(bundle):
     # answers end at the context: 2048 tokens take the tiny default model about 2 s, long enough for Ctrl-C to land
-    child = _spawn(bundle, "--max-tokens", "100000", "--ctx", "2048")
+    # started with SIGINT ignored, as a background job or some CI runners start it: chat must still take Ctrl-C
+    child = _spawn(bundle, "--max-tokens", "100000", "--ctx", "2048", preexec_fn=_ignore_sigint)
     child.sendline("Write a very long story.")
     child.expect_exact("Write a very long story.")  # the terminal's echo of the line, not yet the answer
     child.expect(r"\S", timeout=30)  # the answer has started streaming
