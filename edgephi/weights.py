@@ -161,13 +161,29 @@ class Checkpoint:
     def read(self, name: str, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
         """One tensor, read from disk now (bf16 widened exactly; dtype=None keeps F32/F16 as stored)."""
         info = self.info(name)
+        return self._read_span(info, 0, info.nbytes, info.shape, dtype)
+
+    def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype | str = np.float32) -> np.ndarray:
+        """Rows start..stop-1 of a tensor (along its first axis), read with one positioned read."""
+        info = self.info(name)
+        rows = info.shape[0] if info.shape else 1
+        if not 0 <= start <= stop <= rows:
+            raise IndexError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
+        row_bytes = info.nbytes // rows if rows else 0
+        return self._read_span(info, start * row_bytes, (stop - start) * row_bytes,
+                               (stop - start,) + tuple(info.shape[1:]), dtype)
+
+    @staticmethod
+    def _read_span(info: TensorInfo, skip: int, nbytes: int, shape: tuple[int, ...],
+                   dtype: np.dtype | str | None) -> np.ndarray:
+        """nbytes of a tensor's data from byte `skip` on, as an array of `shape` (a fresh, writeable array)."""
         np_dtype, _ = _DTYPES[info.dtype]
         with open(info.file, "rb") as f:
-            f.seek(info.offset)
-            buf = f.read(info.nbytes)
-        if len(buf) != info.nbytes:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        arr = np.frombuffer(buf, dtype=np_dtype).reshape(info.shape)
+            f.seek(info.offset + skip)
+            buf = f.read(nbytes)
+        if len(buf) != nbytes:
+            raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+        arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
         if info.dtype == "BF16":
             arr = bf16_to_f32(arr)
         if dtype is not None and arr.dtype != np.dtype(dtype):
@@ -175,24 +191,6 @@ class Checkpoint:
         elif not arr.flags.writeable:
             arr = arr.copy()
         return arr
-
-    def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype | str = np.float32) -> np.ndarray:
-        """Rows start..stop-1 of a tensor (along its first axis), read with one positioned read."""
-        info = self.info(name)
-        np_dtype, _ = _DTYPES[info.dtype]
-        rows = info.shape[0] if info.shape else 1
-        if not 0 <= start <= stop <= rows:
-            raise IndexError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
-        row_bytes = info.nbytes // rows if rows else 0
-        with open(info.file, "rb") as f:
-            f.seek(info.offset + start * row_bytes)
-            buf = f.read((stop - start) * row_bytes)
-        if len(buf) != (stop - start) * row_bytes:
-            raise CheckpointError(f"{info.file}: truncated while reading tensor {name!r}")
-        arr = np.frombuffer(buf, dtype=np_dtype).reshape((stop - start,) + tuple(info.shape[1:]))
-        if info.dtype == "BF16":
-            arr = bf16_to_f32(arr)
-        return arr.astype(dtype) if arr.dtype != np.dtype(dtype) else arr.copy()
 
     def check(self, spec) -> None:
         """Every tensor the spec needs is present with the shape config.json implies."""

@@ -31,8 +31,8 @@ class BlobError(RuntimeError):
     """The saved package does not look like what coremltools was asked to write."""
 
 
-def model_spec_path(package: Path) -> Path:
-    return package / "Data" / "com.apple.CoreML" / "model.mlmodel"
+def _coreml_dir(package: Path) -> Path:
+    return package / "Data" / "com.apple.CoreML"
 
 
 def blob_offsets(package: Path) -> dict[str, tuple[str, int]]:
@@ -44,7 +44,7 @@ def blob_offsets(package: Path) -> dict[str, tuple[str, int]]:
     from coremltools.proto import Model_pb2
 
     spec = Model_pb2.Model()
-    spec.ParseFromString(model_spec_path(package).read_bytes())
+    spec.ParseFromString((_coreml_dir(package) / "model.mlmodel").read_bytes())
     found: dict[str, tuple[str, int]] = {}
 
     def walk(block):
@@ -97,8 +97,7 @@ def fill(package: str | Path, weights) -> int:
             for kind, cname in consts.items():
                 fname, offset = offsets[cname]
                 if fname not in files:
-                    files[fname] = open(package / "Data" / "com.apple.CoreML" / "weights" / Path(fname).name,
-                                        "r+b")
+                    files[fname] = open(_coreml_dir(package) / "weights" / Path(fname).name, "r+b")
                 f = files[fname]
                 targets[kind] = (f, _data_offset(f, package, cname, offset, kind, _expected_size(kind, shape)))
             for start in range(0, shape[0], ROWS):
@@ -110,7 +109,6 @@ def fill(package: str | Path, weights) -> int:
                     q, scale = quantize_int4(rows)
                     written += _put(targets["q"], start * shape[1] // 2, pack_int4(q))
                     written += _put(targets["scale"], start * (shape[1] // BLOCK) * 2, scale.tobytes())
-                del rows
             weights.count()
     finally:
         for f in files.values():

@@ -25,6 +25,11 @@ def mil_name(hf_name: str) -> str:
     return hf_name.replace(".", "_")
 
 
+# kind -> (suffix of the const's name, suffix of where the saved program keeps it): fp16 matrices stay const ops;
+# coremltools stores a constexpr op's int4 data and scales inline, as its "data" / "scale" arguments
+_CONST_NAMES = {"q": ("_q", "/data"), "scale": ("_scale", "/scale"), "f16": ("", "")}
+
+
 class Weights:
     """Turns checkpoint tensors into MIL constants, one tensor at a time.
 
@@ -43,7 +48,8 @@ class Weights:
         self.ckpt, self.bits, self.progress, self.total, self.deferred = ckpt, bits, progress, total, deferred
         self.done = 0
         self.fp16_fallback: list[str] = []
-        # where the saved program stores it (coreml_blob.blob_offsets) -> (checkpoint tensor, "q" | "scale" | "f16"), for the placeholders coreml_blob.fill writes
+        # placeholders for coreml_blob.fill: where the saved program stores each one (the key of
+        # coreml_blob.blob_offsets) -> (checkpoint tensor, "q" | "scale" | "f16")
         self.pending: dict[str, tuple[str, str]] = {}
 
     def count(self) -> None:
@@ -58,13 +64,13 @@ class Weights:
 
     def _const(self, name: str, kind: str, val_or_shape, dtype) -> object:
         """A named const: the real value, or (deferred) a placeholder recorded in self.pending."""
-        cname = mil_name(name) + {"q": "_q", "scale": "_scale", "f16": ""}[kind]
-        if self.deferred:  # saved as a const op (f16) or inline as the constexpr op's data / scale argument
+        const_suffix, saved_as = _CONST_NAMES[kind]
+        if self.deferred:
             val = np.broadcast_to(np.zeros((), dtype=dtype), val_or_shape)
-            self.pending[mil_name(name) + {"q": "/data", "scale": "/scale", "f16": ""}[kind]] = (name, kind)
+            self.pending[mil_name(name) + saved_as] = (name, kind)
         else:
             val = val_or_shape
-        return mb.const(val=val, name=cname)
+        return mb.const(val=val, name=mil_name(name) + const_suffix)
 
     def matrix(self, name: str):
         """(out, in) weight as a MIL const (int4 block-wise or fp16)."""
