@@ -20,6 +20,7 @@ import logging
 import math
 import re
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -40,7 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for --shape phi-2 / phi-4-mini")
     p.add_argument("--prompt", default="128,512", help="comma-separated prompt lengths (default 128,512)")
     p.add_argument("--gen", type=int, default=128, help="tokens generated per run (default 128)")
-    p.add_argument("--runs", type=int, default=3, help="measured runs after one warm-up (default 3)")
+    p.add_argument("--runs", type=int, default=3, 
+                   help="measured runs, in interleaved rounds: each round loads every subject afresh, warms it "
+                        "up and measures it once (default 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every subject (default: physical "
                                                               "cores)")
     p.add_argument("--formats", default=None, help="edgephi formats to measure (default: onnx,gguf present)")
@@ -51,7 +54,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run onnxruntime-genai's model builder (≈23 GB peak RSS for Phi-3-mini)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--rebuild", action="store_true", help="re-export the --shape bundle")
-    p.add_argument("--bandwidth-gb", type=float, default=1.0, help="array size for the bandwidth test (GB)")
+    p.add_argument("--bandwidth-gb", type=float, default=1.0,
+                   help="array size for the bandwidth test (GB); half of it for the int4 kernel test")
 
 
 def cmd_bench(args) -> int:
@@ -138,7 +142,9 @@ def own_conversions(ckpt: Path, base: Path, n_params: int, builders: bool) -> tu
     if not builders:
         skipped.append(("ort-genai (own builder)", "needs --peer-builders (≈23 GB peak RSS for Phi-3-mini)"))
         return out, skipped
-    need_gb = 23 * n_params / 3.82e9 + 1
+    # onnxruntime-genai 0.18's builder on Phi-3-mini here: 23.4 GB peak RSS polled over its process tree,
+    # 19.2 GiB max RSS by /usr/bin/time; it ran with 22 GiB available
+    need_gb = 20 * n_params / 3.82e9
     try:
         info = shapes.peer_genai(ckpt, base / "peer-genai", need_gb)
         d = Path(info["path"])
@@ -164,9 +170,10 @@ def _other_load() -> float | None:
 
 
 def run_worker(subject: dict, args, prompts: list[int], threads: int, vocab: tuple[int, int],
-               load_only: bool = False) -> dict:
+               load_only: bool = False, trial: int = 0) -> dict:
+    """One measured run (trial `trial`'s prompts) of one subject in a fresh worker process, after its warm-up."""
     cmd = [sys.executable, "-m", "edgephi.bench_worker", "--runner", subject["runner"], "--path", subject["path"],
-           "--prompt", ",".join(map(str, prompts)), "--gen", str(args.gen), "--runs", str(args.runs),
+           "--prompt", ",".join(map(str, prompts)), "--gen", str(args.gen), "--runs", "1", "--trial", str(trial),
            "--threads", str(threads), "--n-ctx", str(_n_ctx(prompts, args.gen)),
            "--vocab-lo", str(vocab[0]), "--vocab-hi", str(vocab[1])]
     if subject["runner"] == "edgephi":
@@ -196,6 +203,20 @@ def measure_bandwidth(gb: float, threads: int) -> dict:
     code = ("import json, sys; from edgephi.bench_report import bandwidth; "
             f"print(json.dumps(bandwidth({float(gb)!r}, {int(threads)})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def measure_int4_kernel(spec, threads: int, gb: float) -> dict:
+    """onnxruntime's int4 kernel rate on this model's layer shapes, in a child process (bench_report.int4_kernel)."""
+    from .bench_report import layer_shapes
+
+    shapes = layer_shapes(spec.hidden_size, spec.intermediate_size, spec.num_attention_heads * spec.head_dim,
+                          spec.kv_dim, spec.is_phi3)
+    code = ("import json; from edgephi.bench_report import int4_kernel; "
+            f"print(json.dumps(int4_kernel({shapes!r}, {int(threads)}, min_gb={float(gb) / 2!r})))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if r.returncode != 0:
+        return {"error": (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1][:300]}
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -266,36 +287,59 @@ def run_bench(args, argv: list[str] | None = None) -> dict:
     vocab = (3, 32000 if spec.vocab_size in (32000, 32064) else spec.vocab_size)
 
     bw = measure_bandwidth(args.bandwidth_gb, threads)
+    has_onnx = any(s["format"] == "onnx" for s in subjects)
+    kernel = measure_int4_kernel(spec, threads, args.bandwidth_gb) if has_onnx else None
     busy = []
     for s in subjects:
         s["bits_per_weight"] = 8 * s["size_bytes"] / spec.n_params if s.get("size_bytes") else None
         s.update(report.bytes_per_token(s["format"], Path(s["weights"])))
         bpt = s.get("bytes_per_token")
         s["decode_limit_tps"] = max(bw["sum_gbps"], bw["copy_gbps"]) * 1e9 / bpt if bpt else None
-        try:
-            if s["runner"] == "edgephi" and s["format"] == "onnx":  # writes the optimized graph beside the model
-                run_worker(s, args, prompts, threads, vocab, load_only=True)
-            _read_through(Path(s["weights"]))  # every subject starts with its files in the page cache
-            busy.append(_other_load())
-            w = run_worker(s, args, prompts, threads, vocab)
-        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
-            s["error"] = str(e)[:300]
-            log.warning("%s: %s", s["label"], s["error"])
+        s["_raw"] = []
+    # Interleaved rounds: round r runs every subject once (trial r, a fresh process with its own warm-up), starting
+    # one subject later each round, so that the slow drift of a shared machine and any effect of running first or
+    # last fall on every subject alike instead of on whoever happens to come first.
+    for r in range(args.runs if subjects else 0):
+        order = subjects[r % len(subjects):] + subjects[:r % len(subjects)]
+        for s in order:
+            if s.get("error"):
+                continue
+            try:
+                if r == 0 and s["runner"] == "edgephi" and s["format"] == "onnx":  # writes the optimized graph
+                    run_worker(s, args, prompts, threads, vocab, load_only=True)
+                _read_through(Path(s["weights"]))  # every subject starts with its files in the page cache
+                busy.append(_other_load())
+                s["_raw"].append(run_worker(s, args, prompts, threads, vocab, trial=r))
+            except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
+                s["error"] = str(e)[:300]
+                log.warning("%s: %s", s["label"], s["error"])
+                continue
+            w = s["_raw"][-1]
+            print(f"round {r + 1}/{args.runs} {s['label']:<26} " + "  ".join(
+                f"p{p}: prefill {x['prefill_tps'][0]:.1f} decode {x['decode_tps'][0]:.2f}"
+                for p, x in w["results"].items()) + f"  rss {w['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+    for s in subjects:
+        raw = s.pop("_raw")
+        if s.get("error") or not raw:
             continue
-        keep = ("load_s", "peak_rss_mb", "rss_after_load_mb", "backend", "device", "load_options", "version")
-        s.update({k: w[k] for k in keep if k in w})
-        s["results"] = {p: {k: report.stat(v) for k, v in r.items() if k != "generated"} | {"generated": r["generated"]}
-                        for p, r in w["results"].items()}
-        print(f"{s['label']:<26} " + "  ".join(
-            f"p{p}: prefill {r['prefill_tps']['median']:.1f} decode {r['decode_tps']['median']:.2f}"
-            for p, r in s["results"].items()) + f"  rss {s['peak_rss_mb']:.0f} MB", file=sys.stderr, flush=True)
+        keep = ("backend", "device", "load_options", "version")
+        s.update({k: raw[0][k] for k in keep if k in raw[0]})
+        s["load_s"] = statistics.median(w["load_s"] for w in raw)
+        s["peak_rss_mb"] = max(w["peak_rss_mb"] for w in raw)
+        s["rss_after_load_mb"] = max(w["rss_after_load_mb"] for w in raw)
+        s["results"] = {}
+        for p in raw[0]["results"]:
+            merged = {k: [x for w in raw for x in w["results"][p][k]] for k in raw[0]["results"][p]}
+            s["results"][p] = ({k: report.stat(v) for k, v in merged.items() if k != "generated"}
+                               | {"generated": merged["generated"]})
 
     busy_known = [b for b in busy if b is not None]
     random_weights = args.shape or (bundle.resolve().parent.parent == shapes_home().resolve())
     meta = {"subject": f"{name} ({spec.n_params / 1e9:.2f} B parameters, random weights)" if random_weights
             else f"{name} ({spec.n_params / 1e9:.2f} B parameters)",
             "command": " ".join(shlex.quote(a) for a in (argv or sys.argv)), "commit": report.commit(repo_root()),
-            "machine": report.machine(), "versions": report.versions(), "bandwidth": bw, "threads": threads,
+            "machine": report.machine(), "versions": report.versions(), "bandwidth": bw, "int4_kernel": kernel,
+            "threads": threads,
             "prompts": prompts, "gen": args.gen, "runs": args.runs, "load_start": load_start,
             "load_end": report.load_average(), "other_cpu_busy_pct": busy,
             "quiet": bool(busy_known) and max(busy_known) < 15.0, "skipped": skipped,

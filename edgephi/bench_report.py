@@ -96,6 +96,52 @@ def bandwidth(gb: float = 1.0, threads: int = 2, repeats: int = 3) -> dict:
             "copy_gbps": round(2 * nbytes / t_copy / 1e9, 1)}
 
 
+def layer_shapes(hidden: int, inter: int, q_dim: int, kv_dim: int, gated: bool) -> list[tuple[int, int]]:
+    """(N, K) of one decoder layer's matmuls: qkv, o, gate_up (or fc1), down (or fc2)."""
+    return [(q_dim + 2 * kv_dim, hidden), (hidden, q_dim), ((2 if gated else 1) * inter, hidden), (hidden, inter)]
+
+
+def int4_kernel(shapes: list[tuple[int, int]], threads: int = 2, min_gb: float = 0.5, repeats: int = 5,
+                block: int = 32) -> dict:
+    """GB/s at which onnxruntime's int4 MatMulNBits (accuracy level 4, as the bundle's graph uses it) streams
+    its weights for one token: one graph of whole layers of `shapes` (random weights, at least `min_gb` so the
+    caches do not hold them), one activation row, median of `repeats` after a warm-up.  Set beside the
+    memory bandwidth, it says how much a faster decode loop could still gain over the same kernels."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    per_layer = sum(n * k // 2 + 4 * n * k // block for n, k in shapes)
+    layers = max(1, -(-int(min_gb * 1e9) // per_layer))
+    rng = np.random.default_rng(0)
+    inits, nodes, outs, ins = [], [], [], {}
+    for i, (n, k) in enumerate(shapes * layers):
+        ins.setdefault(k, f"x{k}")
+        inits += [numpy_helper.from_array(rng.integers(0, 256, (n, k // block, block // 2), dtype=np.uint8), f"w{i}"),
+                  numpy_helper.from_array(rng.random(n * k // block, dtype=np.float32) * 0.01, f"s{i}")]
+        nodes.append(helper.make_node("MatMulNBits", [ins[k], f"w{i}", f"s{i}"], [f"y{i}"], domain="com.microsoft",
+                                      K=k, N=n, bits=4, block_size=block, accuracy_level=4))
+        outs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, [1, n]))
+    graph = helper.make_graph(nodes, "int4_kernel", [helper.make_tensor_value_info(v, TensorProto.FLOAT, [1, k])
+                                                     for k, v in ins.items()], outs, inits)
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 17),
+                                                                   helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    del model, graph, inits
+    feed = {v: np.ones((1, k), np.float32) for k, v in ins.items()}
+    sess.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    nbytes = per_layer * layers
+    return {"weights_gb": round(nbytes / 1e9, 2), "layers": layers, "block": block, "threads": threads,
+            "gbps": round(nbytes / float(np.median(times)) / 1e9, 1), "onnxruntime": ort.__version__}
+
+
 # ---- weight bytes streamed per generated token -------------------------------------------------------------------
 EMBED_NAMES = ("token_embd.weight", "embed_tokens", "embed")
 
@@ -199,10 +245,21 @@ def markdown(meta: dict, subjects: list[dict], prompts: list[int], summary: dict
              f"({'quiet' if meta['quiet'] else 'SHARED: other work was running, figures are low bounds'})",
              f"- commit {meta['commit']}; {', '.join(f'{k} {v}' for k, v in meta['versions'].items() if v)}",
              f"- {meta['threads']} threads; prompts {', '.join(map(str, prompts))} random ids; {meta['gen']} tokens "
-             f"generated, EOS ignored; 1 warm-up, then median (min–max) of {meta['runs']} runs",
+             f"generated, EOS ignored; {meta['runs']} interleaved rounds (each loads every subject afresh in a rotated "
+             "order, warms it up and measures it once), median (min–max) over the rounds",
              f"- memory bandwidth (numpy, {bw['threads']} threads, {bw['array_gb']} GB): sum {bw['sum_gbps']} GB/s, "
              f"copy {bw['copy_gbps']} GB/s; decode limit = {ceiling} GB/s ÷ weight bytes per token "
-             "(the file's weights less the embedding table)", ""]
+             "(the file's weights less the embedding table)"]
+    k = meta.get("int4_kernel")
+    if k and k.get("gbps"):
+        lines.append(f"- onnxruntime {k['onnxruntime']} int4 MatMulNBits alone (block {k['block']}, accuracy level 4, "
+                     f"{k['layers']} layers of this model's matmuls, {k['weights_gb']} GB, one token, "
+                     f"{k['threads']} threads): {k['gbps']} GB/s of weights, "
+                     f"{100 * k['gbps'] / bw['sum_gbps']:.0f}% of the numpy-sum read rate; on the same weights, "
+                     "a faster loop around these kernels can win only the time they do not take")
+    elif k:
+        lines.append(f"- onnxruntime int4 kernel rate: not measured ({k.get('error', '?')})")
+    lines.append("")
     pre_cols = [f"prefill {p} tok/s" for p in prompts]
     head = (["subject", "file", "MB", "bits/w", "load s", f"TTFT {p0} ms"] + pre_cols +
             [f"decode tok/s (after {p0})", "% of BW limit", "peak RSS MB", "× best peer decode",

@@ -299,7 +299,7 @@ sys.exit(rc)
 
 
 def builder_unavailable() -> str | None:
-    for mod in ("onnxruntime_genai.models.builder", "onnx_ir"):
+    for mod in ("onnxruntime_genai.models.builder", "onnx_ir", "torch", "transformers"):
         try:
             if importlib.util.find_spec(mod) is None:
                 return f"{mod} is not installed"
@@ -320,8 +320,8 @@ def peer_genai(ckpt: Path, out_dir: Path, need_gb: float) -> dict:
         raise RuntimeError(f"onnxruntime-genai's model builder cannot run here: {why}")
     avail = psutil.virtual_memory().available / 2**30
     if avail < need_gb:
-        raise MemoryError(f"onnxruntime-genai's builder needs about {need_gb:.0f} GB here (23 GB measured for "
-                          f"Phi-3-mini); {avail:.0f} GB is available")
+        raise MemoryError(f"onnxruntime-genai's builder needs about {need_gb:.0f} GiB available here (23 GB peak RSS "
+                          f"measured for Phi-3-mini); {avail:.0f} GiB is available")
     tmp = out_dir.with_name(out_dir.name + f".partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

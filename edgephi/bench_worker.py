@@ -43,6 +43,9 @@ def load_edgephi(a):
     import edgephi
 
     info_opts = {"threads": a.threads, "n_ctx": a.n_ctx}
+    for kv in a.load_option:  # backend options, e.g. flash_attn=off for the llamacpp backend
+        k, _, v = kv.partition("=")
+        info_opts[k] = int(v) if v.lstrip("-").isdigit() else v
     model = edgephi.load(a.path, device="cpu", format=a.format, **info_opts)
 
     def run(ids, gen):
@@ -129,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--vocab-lo", type=int, default=3)
     ap.add_argument("--vocab-hi", type=int, default=32000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--load-option", action="append", default=[], metavar="KEY=VALUE",
+                    help="edgephi runner: an option for edgephi.load (repeatable)")
+    ap.add_argument("--trial", type=int, default=0, help="index of the first measured trial (its prompt ids)")
     ap.add_argument("--load-only", action="store_true", help="load and exit (primes caches: ONNX optimized graph)")
     a = ap.parse_args(argv)
     prompts = [int(p) for p in a.prompt.split(",") if p.strip()]
@@ -142,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for p in prompts:
             r = {"ttft_s": [], "prefill_tps": [], "decode_tps": [], "generated": []}
-            for t in range(a.runs):
+            for t in range(a.trial, a.trial + a.runs):
                 ttft, dec, n = run(prompt_ids(p, t, a.vocab_lo, a.vocab_hi, a.seed), a.gen)
                 r["ttft_s"].append(ttft)
                 r["prefill_tps"].append(p / ttft)
