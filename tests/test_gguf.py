@@ -119,6 +119,21 @@ def test_backend_longrope_and_gqa(exported, reference_model):
         assert _rel_err(got, ref) <= REL_TOL
 
 
+def test_flash_attention_on_and_off_match_transformers(exported, reference_model):
+    """The llamacpp backend's flash_attn option (llama.cpp's CPU FA kernel is slower at decode on long contexts):
+    both settings give transformers' logits, prefill and decode; a wrong value is refused before loading."""
+    ckpt, spec, path = exported("phi-4-mini")  # partial rotary and grouped KV heads
+    prompt = tiny.random_prompt(PROMPT, spec.vocab_size, seed=5)
+    ref = tiny.reference_logits(reference_model(ckpt), prompt)
+    for mode in ("on", "off"):
+        s = open_gguf(path, spec, threads=THREADS, flash_attn=mode)
+        got = np.concatenate([s.forward(prompt[:-4], all_logits=True)] + [s.forward([t])[None] for t in prompt[-4:]])
+        s.close()
+        assert _rel_err(got, ref) <= REL_TOL, mode
+    with pytest.raises(ValueError, match="flash_attn='fast'; choose one of auto, on, off"):
+        open_gguf(path, spec, threads=THREADS, flash_attn="fast")
+
+
 @pytest.mark.parametrize("variant", ["phi-3-mini-4k", "phi-2"])
 def test_session_rewind_and_reuse(variant, exported):
     _, spec, path = exported(variant)
