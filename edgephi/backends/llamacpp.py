@@ -240,7 +240,7 @@ class LlamaCppBackend(Backend):
         default "off" on CPU, "auto" on Metal/CUDA).
 
         Why off on CPU: on Phi-3-mini's shape (2 AVX2 cores, benchmarks/results) llama.cpp's CPU flash-attention
-        kernel decodes 15-20% slower after a 512-token prompt (6.2-6.8 vs 7.5-8.2 tok/s) for a 3% faster prefill,
+        kernel decodes 8-24% slower after a 512-token prompt (6.2 and 6.8 vs 8.2 and 7.5 tok/s) for a 3% faster prefill,
         so a 512-token prompt with a 128-token answer takes longer with it; llama-cpp-python also leaves it off."""
         if flash_attn is None:
             flash_attn = "auto" if device in _GPU_DEVICES else "off"
