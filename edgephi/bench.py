@@ -150,7 +150,8 @@ def own_conversions(ckpt: Path, base: Path, n_params: int, builders: bool) -> tu
         d = Path(info["path"])
         out.append({"label": "ort-genai (own builder)", "kind": "peer", "runner": "genai", "format": "onnx",
                     "path": str(d), "file": f"{d.name}/model.onnx", "weights": str(d / "model.onnx"),
-                    "size_bytes": sum(tree_size(f) for f in d.iterdir() if f.suffix in (".onnx", ".data")),
+                    "size_bytes": sum(tree_size(f) for f in d.iterdir()  # not edgephi's optimized-graph cache
+                                      if f.suffix in (".onnx", ".data") and ".opt-" not in f.name),
                     "quant": "int4", "export_s": info["export_s"], "export_peak_rss_mb": info["export_peak_rss_mb"],
                     "tool": info["tool"]})
     except (OSError, RuntimeError, MemoryError, ValueError) as e:
