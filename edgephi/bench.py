@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer directory for --shape phi-2 / phi-4-mini")
     p.add_argument("--prompt", default="128,512", help="comma-separated prompt lengths (default 128,512)")
     p.add_argument("--gen", type=int, default=128, help="tokens generated per run (default 128)")
-    p.add_argument("--runs", type=int, default=3, 
+    p.add_argument("--runs", type=int, default=3,
                    help="measured runs, in interleaved rounds: each round loads every subject afresh, warms it "
                         "up and measures it once (default 3)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for every subject (default: physical "
@@ -209,10 +209,11 @@ def measure_bandwidth(gb: float, threads: int) -> dict:
 
 def measure_int4_kernel(spec, threads: int, gb: float) -> dict:
     """onnxruntime's int4 kernel rate on this model's layer shapes, in a child process (bench_report.int4_kernel)."""
-    from .bench_report import layer_shapes
-
-    shapes = layer_shapes(spec.hidden_size, spec.intermediate_size, spec.num_attention_heads * spec.head_dim,
-                          spec.kv_dim, spec.is_phi3)
+    shapes = []  # (N, K) of one decoder layer's matmuls, as the ONNX exporter lays them out
+    for name, shape in spec.tensor_shapes().items():
+        if name.startswith("model.layers.0.") and len(shape) == 2:
+            split = 2 if name.endswith("gate_up_proj.weight") else 1  # export/onnx.py: gate and up, two matmuls
+            shapes += [(shape[0] // split, shape[1])] * split
     code = ("import json; from edgephi.bench_report import int4_kernel; "
             f"print(json.dumps(int4_kernel({shapes!r}, {int(threads)}, min_gb={float(gb) / 2!r})))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -96,11 +96,6 @@ def bandwidth(gb: float = 1.0, threads: int = 2, repeats: int = 3) -> dict:
             "copy_gbps": round(2 * nbytes / t_copy / 1e9, 1)}
 
 
-def layer_shapes(hidden: int, inter: int, q_dim: int, kv_dim: int, gated: bool) -> list[tuple[int, int]]:
-    """(N, K) of one decoder layer's matmuls: qkv, o, gate_up (or fc1), down (or fc2)."""
-    return [(q_dim + 2 * kv_dim, hidden), (hidden, q_dim), ((2 if gated else 1) * inter, hidden), (hidden, inter)]
-
-
 def int4_kernel(shapes: list[tuple[int, int]], threads: int = 2, min_gb: float = 0.5, repeats: int = 5,
                 block: int = 32) -> dict:
     """GB/s at which onnxruntime's int4 MatMulNBits (accuracy level 4, as the bundle's graph uses it) streams

@@ -159,7 +159,8 @@ class _Build:
 
     # ---- the two block layouts ----------------------------------------------------------------------------
     def phi3(self) -> None:
-        """RMSNorm, fused qkv, gate and up as two matmuls, SiLU gate; residual sums carried by SkipSimplifiedLayerNormalization."""
+        """RMSNorm, fused qkv, gate and up as two matmuls, SiLU gate; residual sums carried by
+        SkipSimplifiedLayerNormalization."""
         g, s = self.g, self.spec
         eps = s.norm_eps
         x = self.embed()
