@@ -31,11 +31,11 @@ EXPORT = r"""
 import logging, sys
 logging.basicConfig(level=logging.WARNING)
 from pathlib import Path
-from edgephi.spec import PhiSpec
 from edgephi.export.coreml import export
+from edgephi.export.source import Source
 ckpt, out = Path({ckpt!r}), Path({out!r})
 out.mkdir(parents=True)
-export(ckpt, PhiSpec.from_hf_config(ckpt), out, bits={bits}, context_length={context})
+export(Source.open(ckpt), out, bits={bits}, n_ctx={context})
 """
 
 
@@ -61,9 +61,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     sys.path.insert(0, str(REPO))
-    sys.path.insert(0, str(REPO / "benchmarks"))
+    from edgephi.benchmarks.shapes import make_shape_checkpoint, measure_child
     from edgephi.spec import PhiSpec
-    from shapes import make_shape_checkpoint, measure_child
 
     if args.checkpoint is None:
         ckpt = make_shape_checkpoint(args.config)

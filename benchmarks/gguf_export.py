@@ -35,9 +35,9 @@ PEER_BEFORE = {"f16": (31.0, 0.93), "q4_k_m": (117.0, 0.71)}
 EDGEPHI_F16 = r"""
 import sys; sys.path.insert(0, {repo!r})
 from pathlib import Path
-from edgephi.spec import PhiSpec
 from edgephi.export.gguf import write_float_gguf
-write_float_gguf(Path({ckpt!r}), PhiSpec.from_hf_config({ckpt!r}), Path({out!r}), float_type="f16")
+from edgephi.export.source import Source
+write_float_gguf(Source.open({ckpt!r}), Path({out!r}), float_type="f16")
 """
 QUANTIZE = r"""
 import sys; sys.path.insert(0, {repo!r})
@@ -80,8 +80,7 @@ def main(argv=None) -> int:
     if not (args.llama_src / "convert_hf_to_gguf.py").is_file():
         ap.error(f"{args.llama_src}: no convert_hf_to_gguf.py; get it with `pip download --no-deps --no-binary :all: "
                  "llama-cpp-python==0.3.36 -d /tmp/llsrc` and unpack it")
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from shapes import make_shape_checkpoint, measure_child
+    from edgephi.benchmarks.shapes import make_shape_checkpoint, measure_child
 
     t = time.perf_counter()
     ckpt = make_shape_checkpoint(args.config)

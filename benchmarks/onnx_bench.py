@@ -32,8 +32,7 @@ CHUNK = 1 << 24  # elements generated at a time
 def make_shape_checkpoint(config_json: Path, out_dir: Path, seed: int = 0) -> Path:
     """A bf16 safetensors checkpoint with the config's exact tensor shapes and N(0, 0.02) weights, streamed."""
     try:
-        sys.path.insert(0, str(ROOT / "benchmarks"))
-        from shapes import make_shape_checkpoint as colleague  # the shared helper, when it exists
+        from edgephi.benchmarks.shapes import make_shape_checkpoint as colleague  # the shared helper, when it exists
 
         return colleague(config_json, out_dir)
     except ImportError:
@@ -73,10 +72,10 @@ def make_shape_checkpoint(config_json: Path, out_dir: Path, seed: int = 0) -> Pa
 def export_child(ckpt: str, out: str) -> None:
     """Run in a child process: export, then report seconds and peak RSS as JSON on stdout."""
     from edgephi.export.onnx import export
-    from edgephi.spec import PhiSpec
+    from edgephi.export.source import Source
 
     t = time.perf_counter()
-    export(Path(ckpt), PhiSpec.from_hf_config(ckpt), Path(out), bits=4)
+    export(Source.open(ckpt), Path(out), bits=4)
     secs = time.perf_counter() - t
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     print(json.dumps({"seconds": secs, "peak_rss_bytes": rss}))

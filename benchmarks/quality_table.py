@@ -22,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the Core ML evaluator lives with the tests
 
 import edgephi  # noqa: E402
+from edgephi.benchmarks.quality import heldout_text, kl_divergence, log_softmax, score_model, windows  # noqa: E402
 from edgephi.default_model import DATA  # noqa: E402
 from edgephi.export.bundle import export_bundle  # noqa: E402
-from edgephi.quality import heldout_text, kl_divergence, log_softmax, score_model, windows  # noqa: E402
 
 # (label, format, bits, exporter options)
 EXPORTS = [

@@ -117,10 +117,11 @@ def _write_tokenizer(out: Path, spec) -> None:
     sys.path.insert(0, str(REPO / "tests"))
     import vocab_build
 
-    if spec.is_phi3 and spec.vocab_size == 32064:
+    phi3 = spec.model_type == "phi3"
+    if phi3 and spec.vocab_size == 32064:
         vocab_build.write_phi3_tokenizer(out)
     else:
-        vocab_build.write_gpt2_tokenizer(out, codegen_whitespace=not spec.is_phi3)
+        vocab_build.write_gpt2_tokenizer(out, codegen_whitespace=not phi3)
 
 
 if __name__ == "__main__":

@@ -130,9 +130,13 @@ def load(path: str | os.PathLike | None = None, device: str = "auto", format: st
          probe=None, **options) -> Model:
     """Load a bundle (default: the built-in model's bundle) on the best backend this machine has."""
     if path is None:
-        from .default_model import default_bundle
+        from .default_model import bundle_dir
 
-        path = default_bundle()
+        path = bundle_dir()
+        if not (path / "manifest.json").is_file():
+            raise FileNotFoundError(f"no bundle given, and the built-in model has none at {path} yet: export it once "
+                                    "with `edgephi export default -o " + str(path) + "` (`edgephi chat` and `edgephi "
+                                    "run` do it on first use)")
     path = Path(path)
     manifest = Manifest.load(path)
     choice = select(tuple(manifest.formats), device=device, format=format, probe=probe)

@@ -9,6 +9,7 @@ import signal
 import sys
 
 from . import __version__
+from .formats import FORMATS
 
 log = logging.getLogger("edgephi")
 EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPT = 1, 2, 130
@@ -57,7 +58,7 @@ def cmd_export(args) -> int:
 
 
 def _print_check(bundle, args) -> None:
-    from edgephi.quality import check_bundle
+    from edgephi.benchmarks.quality import check_bundle
 
     print("\nquality on held-out Python (edgephi/data/heldout):")
     scores = check_bundle(bundle, threads=getattr(args, "threads", None))
@@ -89,12 +90,17 @@ def _gen_kwargs(args) -> dict:
 def _load(args):
     import edgephi
 
+    bundle = args.bundle
+    if bundle is None:  # the built-in model: the CLI exports its bundle on first use, the runtime never does
+        from edgephi.export.bundle import default_bundle
+
+        bundle = default_bundle()
     opts = {}
     if args.threads:
         opts["threads"] = args.threads
     if getattr(args, "ctx", None):
         opts["n_ctx"] = args.ctx
-    return edgephi.load(args.bundle, device=args.device, format=args.format, **opts)
+    return edgephi.load(bundle, device=args.device, format=args.format, **opts)
 
 
 def _stats(r, evaluated: int) -> str:
@@ -201,7 +207,7 @@ def _add_gen_flags(p, bundle_required: bool) -> None:
     p.add_argument("bundle", nargs=None if bundle_required else "?", default=None,
                    help="bundle directory from `edgephi export` (default: the built-in model)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "npu", "metal", "cuda"])
-    p.add_argument("--format", default=None, choices=["onnx", "gguf", "coreml", "onnx-npu"], help="force one format")
+    p.add_argument("--format", default=None, choices=list(FORMATS), help="force one format")
     p.add_argument("--system", default=None, help="system message")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -239,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--q4", action="store_true", help="4-bit weights (the default)")
     g.add_argument("--bits", type=int, default=4, choices=[4, 8, 16, 32])
-    p.add_argument("--format", default=None, help="comma-separated subset of onnx,gguf,coreml,onnx-npu (default: onnx,gguf,coreml)")
+    p.add_argument("--format", default=None,
+                   help=f"comma-separated subset of {','.join(FORMATS)} (default: onnx,gguf,coreml)")
     p.add_argument("-o", "--output", default=None, help="bundle directory (default: ./<model>-edgephi-q4)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.add_argument("--gguf-quant", default=None, choices=["q4_k_m", "q4_0", "q8_0", "f16", "bf16"])
@@ -272,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_devices)
 
     p = sub.add_parser("bench", help="measure every backend (and --peers) on a bundle or a random-weight --shape")
-    from .bench import add_arguments as _bench_arguments, cmd_bench
+    from edgephi.benchmarks.bench import add_arguments as _bench_arguments, cmd_bench  # stdlib imports only
 
     _bench_arguments(p)
     p.set_defaults(func=cmd_bench)

@@ -1,12 +1,8 @@
 """PhiSpec: one frozen description of a Phi checkpoint, shared by every exporter, backend and test.
 
-Field names follow Hugging Face's config.json.  Variants are fields, not subclasses:
-
-* ``model_type == "phi"`` (Phi-1, Phi-1.5, Phi-2): LayerNorm with bias, attention and MLP in parallel on the
-  same normed input, partial rotary, gelu_new, biased projections and a biased lm_head.
-* ``model_type == "phi3"`` (Phi-3/3.5-mini, Phi-3-medium, Phi-4-mini): RMSNorm, fused qkv_proj and gate_up_proj,
-  SiLU-gated MLP, optional sliding window, optional LongRoPE, grouped KV heads, optional partial rotary and
-  tied embeddings.
+Field names follow Hugging Face's config.json.  Variants within a family are fields, not subclasses; each family
+(``model_type``) is one architecture file in edgephi/arch/, which says what its checkpoint holds and how its
+block computes.
 
 Both config dialects parse: the published one (top-level ``rope_theta``, ``rope_scaling``,
 ``partial_rotary_factor``) and transformers 5's ``rope_parameters``.
@@ -19,8 +15,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-SUPPORTED_MODEL_TYPES = ("phi", "phi3")
-# Architectures that share the Phi name but not the graph: refuse them with a clear message.
+from . import arch
+
+# Architectures that share the Phi name but have no architecture file yet: refuse them with a clear message.
 UNSUPPORTED_MODEL_TYPES = {
     "phi3small": "Phi-3-small (blocksparse attention, GEGLU MLP, muP scaling)",
     "phimoe": "Phi-3.5-MoE (mixture-of-experts MLP)",
@@ -28,7 +25,6 @@ UNSUPPORTED_MODEL_TYPES = {
     "phi4mm": "Phi-4-multimodal (audio and vision encoders)",
     "phi4_multimodal": "Phi-4-multimodal (audio and vision encoders)",
 }
-SUPPORTED_ACTIVATIONS = {"phi": ("gelu_new", "gelu_pytorch_tanh", "gelu"), "phi3": ("silu",)}
 # "su" is the name the first Phi-3-128k releases used for LongRoPE.
 LONGROPE_NAMES = ("longrope", "su")
 
@@ -92,23 +88,6 @@ class PhiSpec:
         return self.num_key_value_heads * self.head_dim
 
     @property
-    def is_phi3(self) -> bool:
-        return self.model_type == "phi3"
-
-    @property
-    def norm_type(self) -> str:
-        return "rmsnorm" if self.is_phi3 else "layernorm"
-
-    @property
-    def parallel_block(self) -> bool:
-        """Phi-1/1.5/2: attention and MLP both read the same normed input and add to the residual together."""
-        return not self.is_phi3
-
-    @property
-    def has_bias(self) -> bool:
-        return not self.is_phi3
-
-    @property
     def context_length(self) -> int:
         return self.max_position_embeddings
 
@@ -140,39 +119,7 @@ class PhiSpec:
     # ---- the checkpoint this spec describes ------------------------------------------------------------------
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a Hugging Face checkpoint of this spec holds, with its shape (out, in for weights)."""
-        H, I, V, L = self.hidden_size, self.intermediate_size, self.vocab_size, self.num_hidden_layers
-        q, kv = self.num_attention_heads * self.head_dim, self.kv_dim
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-        for i in range(L):
-            p = f"model.layers.{i}."
-            if self.is_phi3:
-                shapes.update({
-                    p + "input_layernorm.weight": (H,),
-                    p + "post_attention_layernorm.weight": (H,),
-                    p + "self_attn.qkv_proj.weight": (q + 2 * kv, H),
-                    p + "self_attn.o_proj.weight": (H, q),
-                    p + "mlp.gate_up_proj.weight": (2 * I, H),
-                    p + "mlp.down_proj.weight": (H, I),
-                })
-            else:
-                shapes.update({
-                    p + "input_layernorm.weight": (H,), p + "input_layernorm.bias": (H,),
-                    p + "self_attn.q_proj.weight": (q, H), p + "self_attn.q_proj.bias": (q,),
-                    p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
-                    p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
-                    p + "self_attn.dense.weight": (H, q), p + "self_attn.dense.bias": (H,),
-                    p + "mlp.fc1.weight": (I, H), p + "mlp.fc1.bias": (I,),
-                    p + "mlp.fc2.weight": (H, I), p + "mlp.fc2.bias": (H,),
-                })
-        if self.is_phi3:
-            shapes["model.norm.weight"] = (H,)
-        else:
-            shapes["model.final_layernorm.weight"] = (H,)
-            shapes["model.final_layernorm.bias"] = (H,)
-            shapes["lm_head.bias"] = (V,)
-        if not self.tie_word_embeddings:
-            shapes["lm_head.weight"] = (V, H)
-        return shapes
+        return arch.get(self.model_type).tensors(self)
 
     @property
     def n_params(self) -> int:
@@ -226,8 +173,9 @@ class PhiSpec:
         def bad(field_name: str, why: str) -> ValueError:
             return ValueError(f"PhiSpec{'(' + self.name + ')' if self.name else ''}: {field_name}={getattr(self, field_name)!r}: {why}")
 
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise bad("model_type", f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+        if self.model_type not in arch.model_types():
+            raise bad("model_type", f"supported: {', '.join(arch.model_types())}")
+        family = arch.get(self.model_type)
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                   "num_key_value_heads", "max_position_embeddings"):
             v = getattr(self, f)
@@ -241,16 +189,17 @@ class PhiSpec:
             raise bad("partial_rotary_factor", "must be in (0, 1]")
         if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise bad("partial_rotary_factor", f"gives rotary_dim={self.rotary_dim}; it must be even and > 0")
-        if self.hidden_act not in SUPPORTED_ACTIVATIONS[self.model_type]:
-            raise bad("hidden_act", f"{self.model_type} supports {', '.join(SUPPORTED_ACTIVATIONS[self.model_type])}")
+        if self.hidden_act not in family.activations:
+            raise bad("hidden_act", f"{self.model_type} supports {', '.join(family.activations)}")
         if not self.rope_theta > 0:
             raise bad("rope_theta", "must be > 0")
         if not self.norm_eps > 0:
             raise bad("norm_eps", "must be > 0")
         if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
             raise bad("sliding_window", "must be a positive integer or null")
-        if self.tie_word_embeddings and not self.is_phi3:
-            raise bad("tie_word_embeddings", "Phi-1/1.5/2 have a biased lm_head of their own")
+        problem = family.check(self)
+        if problem is not None:
+            raise bad(*problem)
         rs = self.rope_scaling
         if rs is not None:
             half = self.rotary_dim // 2
@@ -299,10 +248,11 @@ def _parse(cfg: dict, source: str, name: str | None) -> PhiSpec:
     if mt in UNSUPPORTED_MODEL_TYPES:
         raise NotImplementedError(
             f"{source}: model_type {mt!r} ({UNSUPPORTED_MODEL_TYPES[mt]}) is not supported; edgephi supports "
-            "Phi-1, Phi-1.5, Phi-2 (model_type 'phi') and Phi-3/3.5-mini, Phi-3-medium, Phi-4-mini (model_type 'phi3')")
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{source}: field 'model_type' is {mt!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)} "
+            f"{arch.supported()}")
+    if mt not in arch.model_types():
+        raise ValueError(f"{source}: field 'model_type' is {mt!r}; supported: {', '.join(arch.model_types())} "
                          f"(known but unsupported: {', '.join(UNSUPPORTED_MODEL_TYPES)})")
+    family = arch.get(mt)
     if cfg.get("qk_layernorm"):
         raise NotImplementedError(f"{source}: qk_layernorm=true is not used by any Phi release and is not supported")
 
@@ -314,7 +264,7 @@ def _parse(cfg: dict, source: str, name: str | None) -> PhiSpec:
     elif isinstance(kv_heads, bool) or not isinstance(kv_heads, int):
         raise ValueError(f"{source}: field 'num_key_value_heads' must be an integer, got {kv_heads!r}")
     max_pos = _require(cfg, "max_position_embeddings", source)
-    eps_key = "rms_norm_eps" if mt == "phi3" else "layer_norm_eps"
+    eps_key = family.norm_eps_key
     eps = float(_require(cfg, eps_key, source, float)) if cfg.get(eps_key) is not None else 1e-5
     orig = rope.get("original_max_position_embeddings")
     if orig is not None and (isinstance(orig, bool) or not isinstance(orig, int)):
@@ -349,10 +299,10 @@ def _parse(cfg: dict, source: str, name: str | None) -> PhiSpec:
         rope_theta=float(theta),
         partial_rotary_factor=float(prf),
         norm_eps=eps,
-        hidden_act=cfg.get("hidden_act", "silu" if mt == "phi3" else "gelu_new"),
+        hidden_act=cfg.get("hidden_act", family.activations[0]),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         sliding_window=sw,
-        original_max_position_embeddings=orig if orig is not None else (max_pos if mt == "phi3" else None),
+        original_max_position_embeddings=orig,
         rope_scaling=longrope,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_id=eos_ids,

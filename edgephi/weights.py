@@ -107,10 +107,17 @@ def _refuse_pickles(directory: Path) -> None:
 
 
 class Checkpoint:
-    """The tensors of a checkpoint directory, indexed by name, read on demand."""
+    """The tensors of a checkpoint directory, indexed by name, read on demand: the one tensor stream.
+
+    The bundle writer opens and checks a checkpoint once and every exporter reads through the same object;
+    watch(progress) reports progress(done, total) as distinct tensors of the checked spec are read.
+    """
 
     def __init__(self, directory: str | os.PathLike):
         self.directory = Path(directory)
+        self._progress: Callable[[int, int], None] | None = None
+        self._seen: set[str] = set()
+        self._expected: frozenset[str] = frozenset()
         if not self.directory.is_dir():
             raise FileNotFoundError(f"{self.directory}: checkpoint directory not found")
         self.tensors: dict[str, TensorInfo] = {}
@@ -158,10 +165,41 @@ class Checkpoint:
         except KeyError:
             raise KeyError(f"{self.directory}: no tensor {name!r} in the checkpoint") from None
 
+    def watch(self, progress: Callable[[int, int], None] | None) -> None:
+        """Report progress(done, total) from now on (None: stop), counting each tensor of the spec once."""
+        self._progress, self._seen = progress, set()
+
+    def _note(self, name: str) -> None:
+        if name not in self._seen and name in self._expected:
+            self._seen.add(name)
+            if self._progress is not None:
+                self._progress(len(self._seen), len(self._expected))
+
     def read(self, name: str, dtype: np.dtype | str | None = np.float32) -> np.ndarray:
         """One tensor, read from disk now (bf16 widened exactly; dtype=None keeps F32/F16 as stored)."""
         info = self.info(name)
-        return self._read_span(info, 0, info.nbytes, info.shape, dtype)
+        arr = self._read_span(info, 0, info.nbytes, info.shape, dtype)
+        self._note(name)
+        return arr
+
+    def read_blocks(self, name: str, max_bytes: int = 8 << 20) -> Iterator[np.ndarray]:
+        """A tensor's stored values in order, as flat arrays of at most max_bytes (BF16 as raw uint16 bits).
+
+        Each block is a fresh view of one reused buffer: a writer converts and writes it before the next one."""
+        info = self.info(name)
+        np_dtype, itemsize = _DTYPES[info.dtype]
+        buf = bytearray(max(itemsize, max_bytes - max_bytes % itemsize))
+        view = memoryview(buf)
+        with open(info.file, "rb", buffering=0) as f:
+            f.seek(info.offset)
+            left = info.nbytes
+            while left:
+                n = min(left, len(buf))
+                if f.readinto(view[:n]) != n:
+                    raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
+                yield np.frombuffer(buf, dtype=np_dtype, count=n // itemsize)
+                left -= n
+        self._note(name)
 
     def read_rows(self, name: str, start: int, stop: int, dtype: np.dtype | str = np.float32) -> np.ndarray:
         """Rows start..stop-1 of a tensor (along its first axis), read with one positioned read."""
@@ -170,8 +208,11 @@ class Checkpoint:
         if not 0 <= start <= stop <= rows:
             raise IndexError(f"{name}: rows {start}:{stop} out of range for shape {list(info.shape)}")
         row_bytes = info.nbytes // rows if rows else 0
-        return self._read_span(info, start * row_bytes, (stop - start) * row_bytes,
-                               (stop - start,) + tuple(info.shape[1:]), dtype)
+        arr = self._read_span(info, start * row_bytes, (stop - start) * row_bytes,
+                              (stop - start,) + tuple(info.shape[1:]), dtype)
+        if stop == rows:
+            self._note(name)
+        return arr
 
     @staticmethod
     def _read_span(info: TensorInfo, skip: int, nbytes: int, shape: tuple[int, ...],
@@ -195,6 +236,7 @@ class Checkpoint:
     def check(self, spec) -> None:
         """Every tensor the spec needs is present with the shape config.json implies."""
         expected = spec.tensor_shapes()
+        self._expected = frozenset(expected)
         for name, shape in expected.items():
             if name not in self.tensors:
                 raise CheckpointError(f"{self.directory}: tensor {name!r} is missing (config.json says "

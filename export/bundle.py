@@ -14,19 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 from edgephi import __version__
+from edgephi.formats import TOKENIZER_FILES
 from edgephi.manifest import FormatEntry, Manifest, sha256_files, tree_size
-from edgephi.models import resolve
-from edgephi.spec import PhiSpec
-from edgephi.tokenizer import Tokenizer
-from edgephi.weights import Checkpoint
 
 from . import registry
+from .checkpoints import resolve
+from .source import Source
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FORMATS = ("onnx", "gguf", "coreml")
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "added_tokens.json", "chat_template.jinja")
 ProgressFactory = Callable[[str, int], Callable[[int, int], None]]  # (format, total) -> progress(done, total)
 
 
@@ -62,10 +59,8 @@ def export_bundle(model: str, out: str | os.PathLike | None = None, formats=DEFA
     """Export `model` (alias, directory or repo id) into one bundle directory; returns (path, manifest)."""
     formats = check_request(formats, bits)
     ckpt_dir = resolve(model)
-    spec = PhiSpec.from_hf_config(ckpt_dir)
-    ckpt = Checkpoint(ckpt_dir)
-    ckpt.check(spec)
-    tokenizer = Tokenizer.from_dir(ckpt_dir)
+    src = Source.open(ckpt_dir)  # the one tensor stream every format reads, checked once
+    spec = src.spec
     out = Path(out) if out is not None else default_output(model, bits)
     if out.exists() and not force:
         raise FileExistsError(f"{out}: already exists; pass --force to replace it")
@@ -82,17 +77,16 @@ def export_bundle(model: str, out: str | os.PathLike | None = None, formats=DEFA
         for fmt in formats:
             sub = staging / fmt
             sub.mkdir()
-            n = len(spec.tensor_shapes())
+            src.tensors.watch(progress(fmt, len(spec.tensor_shapes())) if progress else None)
             t0 = time.perf_counter()
-            res = registry.get(fmt)(ckpt_dir, spec, sub, bits=bits, progress=progress(fmt, n) if progress else None,
-                                    **(options or {}).get(fmt, {}))
+            res = registry.get(fmt)(src, sub, bits=bits, **(options or {}).get(fmt, {}))
             entries[fmt] = FormatEntry(format=fmt, entry=res.entry, files=list(res.files), bits=res.bits,
                                        quant=res.quant, sizes={f: tree_size(staging / f) for f in res.files},
                                        seconds=round(time.perf_counter() - t0, 3), extra=dict(res.extra))
         weights = sorted(p for p in ckpt_dir.iterdir() if p.suffix == ".safetensors" or p.name == "config.json")
         source = {"model": str(model), "path": str(ckpt_dir), "sha256": sha256_files(weights)}
-        manifest = Manifest(spec=spec, formats=entries, tokenizer_files=tok_files, stop_ids=sorted(tokenizer.stop_ids),
-                            bos_id=tokenizer.bos_id, context_length=spec.max_position_embeddings, source=source,
+        manifest = Manifest(spec=spec, formats=entries, tokenizer_files=tok_files, stop_ids=src.stop_ids,
+                            bos_id=src.bos_id, context_length=spec.max_position_embeddings, source=source,
                             edgephi_version=__version__)
         manifest.save(staging)
         _move_into_place(staging, out)
@@ -119,3 +113,14 @@ def _move_into_place(staging: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         old.unlink()
+
+
+def default_bundle(formats: tuple[str, ...] | None = None) -> Path:
+    """The built-in model's bundle, exported once (every default format this machine can export) when missing."""
+    from edgephi import default_model
+
+    out = default_model.bundle_dir()
+    if not (out / "manifest.json").is_file():
+        log.warning("exporting the built-in default model to %s (first use)", out)
+        export_bundle(default_model.NAME, out, formats=formats or exportable_formats(), bits=4, force=True)
+    return out

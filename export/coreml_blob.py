@@ -109,7 +109,6 @@ def fill(package: str | Path, weights) -> int:
                     q, scale = quantize_int4(rows)
                     written += _put(targets["q"], start * shape[1] // 2, pack_int4(q))
                     written += _put(targets["scale"], start * (shape[1] // BLOCK) * 2, scale.tobytes())
-            weights.count()
     finally:
         for f in files.values():
             f.close()

@@ -1,4 +1,4 @@
-"""MIL building blocks for the Core ML exporter: weights as constants, norms, rotary embedding, attention.
+"""MIL building blocks of the Core ML lowering: weights as constants, norms, rotary embedding, attention.
 
 Everything runs in fp16 (the precision Core ML's GPU and Neural Engine compute in).  Shapes in comments use
 T = tokens of this call (flexible), C = context length (the cache's size), H = query heads, Hk = KV heads,
@@ -7,17 +7,17 @@ d = head_dim, r = rotary_dim // 2.
 from __future__ import annotations
 
 import logging
-from typing import Callable
-
 import numpy as np
 from coremltools.converters.mil import Builder as mb
 from coremltools.converters.mil.mil import types
+
+from edgephi import arch
+from edgephi.formats import MASK_VALUE
 
 from .coreml_quant import BLOCK, can_quantize, quantize_int4
 
 log = logging.getLogger(__name__)
 FP16 = np.float16
-MASK_VALUE = -30000.0  # additive mask: exp(-30000) is 0 and fp16 holds it exactly (-inf would upset some compilers)
 
 
 def mil_name(hf_name: str) -> str:
@@ -43,24 +43,15 @@ class Weights:
     both must save byte-identical packages).
     """
 
-    def __init__(self, ckpt, bits: int, progress: Callable[[int, int], None] | None = None, total: int = 0,
-                 deferred: bool = False):
-        self.ckpt, self.bits, self.progress, self.total, self.deferred = ckpt, bits, progress, total, deferred
-        self.done = 0
+    def __init__(self, ckpt, bits: int, deferred: bool = False):
+        self.ckpt, self.bits, self.deferred = ckpt, bits, deferred
         self.fp16_fallback: list[str] = []
         # placeholders for coreml_blob.fill: where the saved program stores each one (the key of
         # coreml_blob.blob_offsets) -> (checkpoint tensor, "q" | "scale" | "f16")
         self.pending: dict[str, tuple[str, str]] = {}
 
-    def count(self) -> None:
-        self.done += 1
-        if self.progress is not None:
-            self.progress(self.done, self.total)
-
     def _read(self, name: str) -> np.ndarray:
-        arr = self.ckpt.read(name, np.float32)
-        self.count()
-        return arr
+        return self.ckpt.read(name, np.float32)
 
     def _const(self, name: str, kind: str, val_or_shape, dtype) -> object:
         """A named const: the real value, or (deferred) a placeholder recorded in self.pending."""
@@ -123,26 +114,24 @@ def last_dim_slice(x, start: int, stop: int | None):
 
 
 # ---- rotary embedding ------------------------------------------------------------------------------------------
-def rope_tables(spec, context: int, long: bool) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin (C, r) in fp16, with LongRoPE's attention factor folded in (transformers multiplies both)."""
-    inv = np.asarray(spec.rope_inv_freq(long=long), dtype=np.float64)
-    ang = np.arange(context, dtype=np.float64)[:, None] * inv[None, :]  # (C, r)
-    scale = spec.rope_attention_factor
-    return (np.cos(ang) * scale).astype(FP16), (np.sin(ang) * scale).astype(FP16)
+def rope_tables(spec, n_ctx: int, long: bool) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin (C, r) in fp16, with LongRoPE's attention factor folded in (edgephi.arch.rope_tables)."""
+    cos, sin = arch.rope_tables(spec, n_ctx, long=long)
+    return cos.astype(FP16), sin.astype(FP16)
 
 
-def rope_cos_sin(spec, context: int, positions, end):
+def rope_cos_sin(spec, n_ctx: int, positions, end):
     """cos, sin for this call's positions: (1, T, 1, r).
 
     LongRoPE (Phi-3 128k, Phi-4-mini) uses the long factors for every position of a call once the sequence
     length (end = last position + 1) passes original_max_position_embeddings, as transformers'
     longrope_frequency_update does; keys cached earlier keep the rotation they were stored with.
     """
-    cos_s, sin_s = rope_tables(spec, context, long=False)
+    cos_s, sin_s = rope_tables(spec, n_ctx, long=False)
     cos = mb.gather(x=cos_s, indices=positions, axis=0)  # (T, r)
     sin = mb.gather(x=sin_s, indices=positions, axis=0)
     if spec.rope_scaling is not None:
-        cos_l, sin_l = rope_tables(spec, context, long=True)
+        cos_l, sin_l = rope_tables(spec, n_ctx, long=True)
         use_long = mb.greater(x=end, y=np.int32(spec.rope_scaling.original_max_position_embeddings))  # (1,)
         cos = mb.select(cond=use_long, a=mb.gather(x=cos_l, indices=positions, axis=0), b=cos)
         sin = mb.select(cond=use_long, a=mb.gather(x=sin_l, indices=positions, axis=0), b=sin)
@@ -162,13 +151,13 @@ def apply_rope(x, cos, sin, spec):
 
 
 # ---- attention -------------------------------------------------------------------------------------------------
-def attention_mask(spec, context: int, positions):
+def attention_mask(spec, n_ctx: int, positions):
     """Additive mask (n_rep*T, C): query at p sees cache slots k <= p (and k > p - window with a window).
 
     Slots past the last position of this call hold stale keys after a rewind; k <= p masks them out.
     """
     q_pos = mb.reshape(x=positions, shape=[-1, 1])  # (T, 1)
-    k_idx = np.arange(context, dtype=np.int32)[None, :]  # (1, C)
+    k_idx = np.arange(n_ctx, dtype=np.int32)[None, :]  # (1, C)
     allowed = mb.less_equal(x=k_idx, y=q_pos)  # (T, C)
     window = spec.effective_sliding_window
     if window is not None:

@@ -1,10 +1,11 @@
 """Exporter registry: one module per format, one decorator each.
 
 An exporter is a function
-    export(ckpt_dir: Path, spec: PhiSpec, out_dir: Path, *, bits: int, progress=None, **options) -> FormatResult
-that writes its files into ``out_dir`` (a fresh, empty directory inside the bundle being staged; the bundle
-writer renames the whole bundle into place only when every format succeeded, so an exporter never needs its own
-temporary paths) and calls ``progress(done, total)`` as it goes over the tensors.
+    export(src: Source, out_dir: Path, *, bits: int, **options) -> FormatResult
+that reads the checkpoint through ``src`` (export/source.py: the spec and the tensor stream, opened and checked
+once by the bundle writer, which also watches the stream for progress) and writes its files into ``out_dir`` (a
+fresh, empty directory inside the bundle being staged; the bundle writer renames the whole bundle into place only
+when every format succeeded, so an exporter never needs its own temporary paths).
 """
 from __future__ import annotations
 
@@ -16,8 +17,7 @@ EXPORTERS: dict[str, Callable[..., "FormatResult"]] = {}
 # which bit widths each format accepts (filled in by register)
 BITS: dict[str, tuple[int, ...]] = {}
 # the Python modules each format needs to export (checked before a default export picks its formats)
-REQUIRES: dict[str, tuple[str, ...]] = {"onnx": ("onnx",), "gguf": ("gguf", "llama_cpp"), "coreml": ("coremltools",),
-                                        "onnx-npu": ("onnx",)}
+REQUIRES: dict[str, tuple[str, ...]] = {}
 
 
 @dataclass
@@ -30,10 +30,12 @@ class FormatResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def register(name: str, bits: tuple[int, ...]):
+def register(name: str, bits: tuple[int, ...], requires: tuple[str, ...] = ()):
+    """requires: the Python modules the exporter needs (checked before a default export picks its formats)."""
     def deco(fn):
         EXPORTERS[name] = fn
         BITS[name] = bits
+        REQUIRES[name] = requires
         return fn
 
     return deco

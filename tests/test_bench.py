@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from edgephi.bench import add_arguments, run_bench
+from edgephi.benchmarks.bench import add_arguments, run_bench
 
 
 def _args(argv):
@@ -64,8 +64,8 @@ def test_bench_refuses_bundle_and_shape_together(tmp_path):
 
 
 def test_shape_without_tokenizer_says_what_to_pass(tmp_path, monkeypatch):
-    from edgephi import bench_shapes
-    from edgephi.bench_shapes import shape_checkpoint
+    from edgephi.benchmarks import bench_shapes
+    from edgephi.benchmarks.bench_shapes import shape_checkpoint
 
     monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path))
     monkeypatch.setattr(bench_shapes, "_shared_maker", lambda: None)  # benchmarks/shapes.py would write one
@@ -75,7 +75,7 @@ def test_shape_without_tokenizer_says_what_to_pass(tmp_path, monkeypatch):
 
 def test_rounds_interleave_subjects_in_rotated_order(tiny_bundle, tmp_path, monkeypatch):
     """--runs N: N rounds, each running every subject once (trial r) in an order that starts one subject later."""
-    from edgephi import bench
+    from edgephi.benchmarks import bench
 
     calls = []
 

@@ -20,20 +20,18 @@ def fake_format():
     state = {"fail_after": None, "error": None}
 
     @registry.register("fake", bits=(4, 16))
-    def export(ckpt_dir, spec, out_dir, *, bits, progress=None, **options):
-        names = list(spec.tensor_shapes())
-        for i, name in enumerate(names):
+    def export(src, out_dir, *, bits, **options):
+        for i, name in enumerate(src.spec.tensor_shapes()):
             if state["fail_after"] is not None and i == state["fail_after"]:
                 raise state["error"]
+            src.tensors.read(name)
             (out_dir / f"{i}.bin").write_bytes(b"x" * 10)
-            if progress:
-                progress(i + 1, len(names))
         return registry.FormatResult("fake", [registry.relpath(p, out_dir) for p in sorted(out_dir.iterdir())],
                                      bits, f"fake{bits}", entry="fake/0.bin")
 
     yield state
-    registry.EXPORTERS.pop("fake")
-    registry.BITS.pop("fake")
+    for table in (registry.EXPORTERS, registry.BITS, registry.REQUIRES):
+        table.pop("fake")
 
 
 def _leftovers(parent):

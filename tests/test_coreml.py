@@ -21,6 +21,8 @@ from edgephi.backends.coreml import CoreMLBackend  # noqa: E402
 from edgephi.devices import Probe  # noqa: E402
 from edgephi.export import coreml as cm  # noqa: E402
 from edgephi.export.coreml_quant import fake_quantize  # noqa: E402
+from edgephi.export.lower_numpy import NumpyModel  # noqa: E402
+from edgephi.export.source import Source  # noqa: E402
 from edgephi.spec import PhiSpec  # noqa: E402
 from edgephi.weights import CheckpointError  # noqa: E402
 
@@ -42,15 +44,15 @@ def exported(tiny_checkpoint, tmp_path_factory):
             ckpt = tiny_checkpoint(variant)
             out = tmp_path_factory.mktemp(f"coreml-{variant}-{bits}") / "coreml"
             out.mkdir()
+            src = Source.open(ckpt)
             if drop_cache_write_layer is None:
-                res = cm.export(ckpt, PhiSpec.from_hf_config(ckpt), out, bits=bits)
+                res = cm.export(src, out, bits=bits, n_ctx=src.spec.max_position_embeddings)
                 assert res.entry == "coreml/model.mlpackage"
             else:
-                spec = PhiSpec.from_hf_config(ckpt)
-                model, weights = cm.build(ckpt, spec, bits=bits, context=spec.max_position_embeddings,
+                model, weights = cm.build(src, bits=bits, n_ctx=src.spec.max_position_embeddings,
                                           drop_cache_write_layer=drop_cache_write_layer)
-                cm.save_package(model, weights, out / cm.PACKAGE)
-            cache[key] = out / cm.PACKAGE
+                cm.save_package(model, weights, out / cm.fmt.PACKAGE)
+            cache[key] = out / cm.fmt.PACKAGE
         return cache[key]
 
     return get
@@ -71,7 +73,8 @@ def run(ev: Evaluator, prompt: list[int], feed: list[int]) -> tuple[np.ndarray, 
 def compare(ev: Evaluator, model, prompt: list[int]) -> tuple[float, list[int]]:
     """Teacher-forced against transformers' greedy decode: (largest relative error, steps whose argmax differs
     although the reference's top-2 gap is not a near tie)."""
-    tokens, ref = tiny.reference_greedy(model, prompt, STEPS)  # ref (STEPS, V)
+    greedy = tiny.session_greedy if isinstance(model, NumpyModel) else tiny.reference_greedy
+    tokens, ref = greedy(model, prompt, STEPS)  # ref (STEPS, V)
     _, got = run(ev, prompt, tokens[:-1])
     err = max(float(np.abs(g - r).max() / np.abs(r).max()) for g, r in zip(got, ref))
     wrong = []
@@ -98,19 +101,11 @@ def cache_error(ev: Evaluator, model, ids: list[int]) -> float:
     return err
 
 
-def dequantized_reference(ckpt: Path):
-    """transformers with every weight the int4 program quantizes replaced by its dequantized value."""
-    import torch
-
-    model = tiny.load_reference(ckpt)
-    spec = PhiSpec.from_hf_config(ckpt)
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, shape in spec.tensor_shapes().items():
-            if len(shape) == 2:
-                p = params[name]
-                p.copy_(torch.from_numpy(fake_quantize(p.detach().numpy())))
-    return model
+def dequantized_reference(ckpt: Path) -> NumpyModel:
+    """The numpy lowering with every matrix the int4 program quantizes (embedding and head included) replaced by
+    its dequantized value."""
+    src = Source.open(ckpt)
+    return NumpyModel(src.tensors, src.spec, lambda role, name, w: fake_quantize(w) if w.ndim == 2 else w)
 
 
 # ---- the package's interface --------------------------------------------------------------------------------
@@ -136,7 +131,7 @@ def test_package_interface(exported, tiny_checkpoint):
     meta = desc.metadata
     assert meta.author == "edgephi"
     assert meta.userDefined["edgephi.quant"] == "int4-b32-sym"
-    assert int(meta.userDefined["edgephi.context_length"]) == spec.max_position_embeddings
+    assert int(meta.userDefined["edgephi.n_ctx"]) == spec.max_position_embeddings
     assert PhiSpec.from_dict(json.loads(meta.userDefined["edgephi.spec"])) == spec
 
     ev = Evaluator(path)
@@ -146,7 +141,7 @@ def test_package_interface(exported, tiny_checkpoint):
         data, scale = o.inputs["data"], o.inputs["scale"]
         assert types.builtin_to_string(data.dtype) == "int4" and data.shape[1] == 32 * scale.shape[1]
         assert types.builtin_to_string(scale.dtype) == "fp16"
-    # the cache is read once per state and written once per layer (see coreml_graph.py)
+    # the cache is read once per state and written once per layer (see lower_coreml.py)
     assert len(ev.ops("read_state")) == 2
     assert len(ev.ops("coreml_update_state")) == 2 * spec.num_hidden_layers
 
@@ -171,7 +166,7 @@ def test_fp16_program_matches_transformers(variant, exported, tiny_checkpoint, r
 def test_int4_program_matches_dequantized_reference(variant, exported, tiny_checkpoint):
     ckpt = tiny_checkpoint(variant)
     model = dequantized_reference(ckpt)
-    prompt = tiny.random_prompt(PROMPT[variant], model.config.vocab_size, seed=2)
+    prompt = tiny.random_prompt(PROMPT[variant], model.spec.vocab_size, seed=2)
     err, wrong = compare(Evaluator(exported(variant, 4)), model, prompt)
     assert err < TOL and not wrong, f"{variant} int4: error {err:.4f}, token mismatches at {wrong}"
 
@@ -238,11 +233,10 @@ def _files(package: Path) -> dict[str, object]:
 def test_streamed_weights_give_the_package_coremltools_writes(variant, bits, tiny_checkpoint, tmp_path):
     """The exporter saves placeholders and fills the blob afterwards (coreml_blob.py); the result must be, byte
     for byte, the package coremltools saves from a program holding the real weights."""
-    ckpt = tiny_checkpoint(variant)
-    spec = PhiSpec.from_hf_config(ckpt)
+    src = Source.open(tiny_checkpoint(variant))
     packages = {}
     for deferred in (True, False):
-        model, weights = cm.build(ckpt, spec, bits=bits, context=spec.max_position_embeddings, deferred=deferred)
+        model, weights = cm.build(src, bits=bits, n_ctx=src.spec.max_position_embeddings, deferred=deferred)
         assert bool(weights.pending) == deferred
         packages[deferred] = tmp_path / f"deferred-{deferred}.mlpackage"
         cm.save_package(model, weights, packages[deferred])
@@ -256,9 +250,8 @@ def test_blob_fill_refuses_a_package_it_did_not_lay_out(tiny_checkpoint, tmp_pat
     """A record that is not the placeholder the program asked for (wrong type or size) is refused, naming it."""
     from edgephi.export import coreml_blob
 
-    ckpt = tiny_checkpoint("phi-3-mini-4k")
-    spec = PhiSpec.from_hf_config(ckpt)
-    model, weights = cm.build(ckpt, spec, bits=4, context=spec.max_position_embeddings)
+    src = Source.open(tiny_checkpoint("phi-3-mini-4k"))
+    model, weights = cm.build(src, bits=4, n_ctx=src.spec.max_position_embeddings)
     package = tmp_path / "model.mlpackage"
     model.save(str(package))
     name = "model_layers_0_self_attn_qkv_proj_weight/data"
@@ -274,15 +267,15 @@ def test_blob_fill_refuses_a_package_it_did_not_lay_out(tiny_checkpoint, tmp_pat
 # ---- errors -------------------------------------------------------------------------------------------------
 def test_bad_inputs(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("phi-3-medium")
-    spec = PhiSpec.from_hf_config(ckpt)
+    source = Source.open(ckpt)
     out = tmp_path / "coreml"
     out.mkdir()
     with pytest.raises(ValueError, match="bits=8"):
-        cm.export(ckpt, spec, out, bits=8)
-    with pytest.raises(ValueError, match="context_length=100000"):
-        cm.export(ckpt, spec, out, bits=4, context_length=100000)
+        cm.export(source, out, bits=8)
+    with pytest.raises(ValueError, match="n_ctx=100000"):
+        cm.export(source, out, bits=4, n_ctx=100000)
     with pytest.raises(ValueError, match="unknown options"):
-        cm.export(ckpt, spec, out, bits=4, colour="blue")
+        cm.export(source, out, bits=4, colour="blue")
     # a checkpoint missing a tensor: the error names it
     broken = tmp_path / "broken"
     shutil.copytree(ckpt, broken)
@@ -294,7 +287,7 @@ def test_bad_inputs(tiny_checkpoint, tmp_path):
         f.unlink()
     save_safetensors(broken / "model.safetensors", keep, lambda n: src.read(n))
     with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight"):
-        cm.export(broken, spec, out, bits=4)
+        Source.open(broken)
     # an architecture edgephi does not know
     cfg = json.loads((ckpt / "config.json").read_text())
     cfg["model_type"] = "llama"

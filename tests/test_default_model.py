@@ -42,7 +42,7 @@ def test_shipped_files():
     assert not (MODEL / "tokenizer.model").exists()
     assert not (MODEL / "LICENSE-vocab").exists()
     assert (MODEL / "model.safetensors").stat().st_size <= MAX_BYTES
-    assert default_model.trained() and default_model.checkpoint_dir() == MODEL
+    assert default_model.checkpoint_dir() == MODEL
 
 
 def test_edgephi_reads_it():

@@ -18,10 +18,12 @@ import tiny
 llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (edgephi[gguf])")
 gguf = pytest.importorskip("gguf")
 
-from edgephi.backends.llamacpp import LlamaCppBackend, open_gguf, quiet_llama_logs  # noqa: E402
+from edgephi.backends.llamacpp import LlamaCppBackend, open_gguf  # noqa: E402
 from edgephi.devices import Probe  # noqa: E402
 from edgephi.export import gguf as gguf_export  # noqa: E402
 from edgephi.export.registry import get  # noqa: E402
+from edgephi.export.source import Source  # noqa: E402
+from edgephi.formats.gguf import quiet_llama_logs  # noqa: E402
 from edgephi.spec import PhiSpec  # noqa: E402
 from edgephi.weights import CheckpointError  # noqa: E402
 
@@ -42,7 +44,7 @@ def exported(tiny_checkpoint, tmp_path_factory):
             if quant == "f16":
                 out = tmp_path_factory.mktemp(f"gguf-{variant}") / "gguf"
                 out.mkdir()
-                res = get("gguf")(ckpt, spec, out, bits=16)
+                res = get("gguf")(Source.open(ckpt), out, bits=16)
                 path = out.parent / res.entry
             else:  # quantize the f16 file (what export(bits=4) does after writing it)
                 _, _, f16 = get_file(variant)
@@ -199,21 +201,23 @@ def test_metadata_matches_spec(variant, exported):
     assert f(f"{arch}.attention.head_count") == spec.num_attention_heads
     assert f(f"{arch}.attention.head_count_kv") == spec.num_key_value_heads
     assert f(f"{arch}.rope.dimension_count") == spec.rotary_dim
-    eps_key = "layer_norm_rms_epsilon" if spec.is_phi3 else "layer_norm_epsilon"
+    phi3 = spec.model_type == "phi3"
+    eps_key = "layer_norm_rms_epsilon" if phi3 else "layer_norm_epsilon"
     assert f(f"{arch}.attention.{eps_key}") == pytest.approx(spec.norm_eps)
     names = {t.name: t for t in r.tensors}
     assert ("output.weight" in names) == (not spec.tie_word_embeddings)
     assert len(r.tensors) == len(spec.tensor_shapes()) + (2 if spec.rope_scaling else 0)
-    if spec.is_phi3:
+    if phi3:
         assert f(f"{arch}.attention.sliding_window") == (spec.sliding_window or 0)
-        assert f(f"{arch}.rope.scaling.original_context_length") == spec.original_max_position_embeddings
+        assert f(f"{arch}.rope.scaling.original_context_length") == (spec.original_max_position_embeddings
+                                                                     or spec.max_position_embeddings)
     if spec.rope_scaling is not None:
         rs = spec.rope_scaling
         np.testing.assert_allclose(names["rope_factors_long.weight"].data, rs.long_factor, rtol=1e-6)
         np.testing.assert_allclose(names["rope_factors_short.weight"].data, rs.short_factor, rtol=1e-6)
         assert f(f"{arch}.rope.scaling.attn_factor") == pytest.approx(rs.attention_factor, rel=1e-6)
     tok_model = f("tokenizer.ggml.model")
-    assert tok_model == ("llama" if (spec.is_phi3 and spec.vocab_size == 32064) else "gpt2")
+    assert tok_model == ("llama" if (phi3 and spec.vocab_size == 32064) else "gpt2")
     assert len(r.fields["tokenizer.ggml.tokens"].data) == spec.vocab_size  # .data: no per-token decoding
     if tok_model == "gpt2":
         assert f("tokenizer.ggml.pre") == ("phi-2" if spec.model_type == "phi" else "gpt-2")
@@ -221,37 +225,39 @@ def test_metadata_matches_spec(variant, exported):
 
 
 def test_bad_inputs(tiny_checkpoint, tmp_path):
-    src = tiny_checkpoint("phi-2")
-    spec = PhiSpec.from_hf_config(src)
+    ckpt = tiny_checkpoint("phi-2")
+    src = Source.open(ckpt)
     out = tmp_path / "gguf"
     out.mkdir()
     export = get("gguf")
-    # an architecture llama.cpp's Phi graphs do not cover
+    # an architecture with no architecture file (so no llama.cpp name)
+    other = Source.open(ckpt)
+    other.spec = dataclasses.replace(src.spec, model_type="phi3small")
     with pytest.raises(NotImplementedError, match="phi3small"):
-        export(src, dataclasses.replace(spec, model_type="phi3small"), out, bits=16)
+        export(other, out, bits=16)
     # options checked before any work
     with pytest.raises(ValueError, match="q4_0"):
-        export(src, spec, out, bits=8, quant="q4_0")
+        export(src, out, bits=8, quant="q4_0")
     with pytest.raises(ValueError, match="unknown option"):
-        export(src, spec, out, bits=16, colour="blue")
+        export(src, out, bits=16, colour="blue")
     # a missing tensor
     from safetensors.numpy import load_file, save_file
 
     broken = tmp_path / "missing"
-    shutil.copytree(src, broken)
+    shutil.copytree(ckpt, broken)
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.mlp.fc2.weight"]
     save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=r"model\.layers\.1\.mlp\.fc2\.weight"):
-        export(broken, spec, out, bits=16)
+        Source.open(broken)
     # a truncated shard: the error names the file
     cut = tmp_path / "truncated"
-    shutil.copytree(src, cut)
+    shutil.copytree(ckpt, cut)
     f = cut / "model.safetensors"
     with open(f, "r+b") as fh:
         fh.truncate(f.stat().st_size // 2)
     with pytest.raises(CheckpointError, match=str(f)):
-        export(cut, spec, out, bits=16)
+        Source.open(cut)
 
 
 def test_unavailable_reasons():
@@ -281,11 +287,10 @@ def test_spm_style_tokenizer_json_without_tokenizer_model(tmp_path):
     import llama_cpp
 
     from edgephi.default_model import DATA
-    from edgephi.quality import heldout_text
+    from edgephi.benchmarks.quality import heldout_text
     from edgephi.tokenizer import Tokenizer
 
-    spec = PhiSpec.from_hf_config(DATA)
-    res = get("gguf")(DATA, spec, tmp_path, bits=16)
+    res = get("gguf")(Source.open(DATA), tmp_path, bits=16)
     path = tmp_path.parent / res.entry  # entry is relative to out_dir's parent (the bundle root)
     fields = gguf.GGUFReader(str(path)).fields
     assert bytes(fields["tokenizer.ggml.model"].parts[-1]).decode() == "llama"

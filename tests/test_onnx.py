@@ -15,8 +15,10 @@ import tiny
 from edgephi.backends.base import ContextFullError
 from edgephi.backends.onnx import OnnxBackend, OnnxSession
 from edgephi.devices import Probe
+from edgephi.export.lower_numpy import NumpyModel
 from edgephi.export.onnx import export
 from edgephi.export.onnx_quant import dequantize_int4, quantize_int4
+from edgephi.export.source import Source
 from edgephi.spec import PhiSpec
 from edgephi.weights import CheckpointError
 
@@ -35,7 +37,7 @@ def onnx_export(tiny_checkpoint, tmp_path_factory):
             ckpt = tiny_checkpoint(variant)
             out = tmp_path_factory.mktemp(f"onnx-{variant}-{bits}") / "onnx"
             out.mkdir()
-            export(ckpt, PhiSpec.from_hf_config(ckpt), out, bits=bits, **options)
+            export(Source.open(ckpt), out, bits=bits, **options)
             cache[key] = out
         return cache[key]
 
@@ -90,23 +92,27 @@ def test_rewind_and_all_logits_equal_full_recompute(tiny_checkpoint, reference_m
     assert s.n_past == 0
 
 
-def dequantized_reference(ckpt: Path, spec: PhiSpec, block: int, symmetric: bool):
-    """transformers' model with every exported linear replaced by its dequantized int4 weight (fp16 embedding)."""
-    import torch
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_numpy_lowering_matches_transformers(variant, tiny_checkpoint, reference_model):
+    """The architecture files' numpy lowering is a second reference: it must agree with transformers first."""
+    ckpt = tiny_checkpoint(variant)
+    src = Source.open(ckpt)
+    prompt = tiny.random_prompt(PROMPT_LEN, src.spec.vocab_size)
+    ref_tokens, ref_logits = tiny.reference_greedy(reference_model(ckpt), prompt, STEPS)
+    tokens, logits = greedy(NumpyModel(src.tensors, src.spec), prompt, STEPS)
+    assert rel_err(logits, ref_logits) <= 1e-4 and tokens == ref_tokens
 
-    model = tiny.load_reference(ckpt)
-    qdq = lambda w: torch.from_numpy(dequantize_int4(quantize_int4(w.detach().numpy(), block, symmetric)))  # noqa: E731
-    names = (["self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"] if spec.is_phi3 else
-             ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense", "mlp.fc1", "mlp.fc2"])
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for n in names:
-                lin = layer.get_submodule(n)
-                lin.weight.copy_(qdq(lin.weight))
-        emb = model.model.embed_tokens.weight
-        model.lm_head.weight = torch.nn.Parameter(qdq(emb if spec.tie_word_embeddings else model.lm_head.weight))
-        emb.copy_(emb.half().float())
-    return model
+
+def dequantized_reference(ckpt: Path, block: int, symmetric: bool) -> NumpyModel:
+    """The numpy lowering with every exported linear replaced by its dequantized int4 weight (the head too, also
+    when it is the tied embedding) and the embedding table rounded to float16, as the int4 export stores them."""
+    def transform(role: str, name: str, w: np.ndarray) -> np.ndarray:
+        if role in ("linear", "logits"):
+            return dequantize_int4(quantize_int4(w, block, symmetric))
+        return w.astype(np.float16).astype(np.float32) if role == "embed" else w
+
+    src = Source.open(ckpt)
+    return NumpyModel(src.tensors, src.spec, transform)
 
 
 @pytest.mark.parametrize("variant,symmetric", [(v, True) for v in VARIANTS] + [("phi-3-medium", False),
@@ -115,7 +121,7 @@ def test_int4_matches_dequantized_reference(variant, symmetric, tiny_checkpoint,
     ckpt = tiny_checkpoint(variant)
     spec = PhiSpec.from_hf_config(ckpt)
     prompt = tiny.random_prompt(PROMPT_LEN, spec.vocab_size, seed=1)
-    ref_tokens, ref_logits = tiny.reference_greedy(dequantized_reference(ckpt, spec, 32, symmetric), prompt, STEPS)
+    ref_tokens, ref_logits = greedy(dequantized_reference(ckpt, 32, symmetric), prompt, STEPS)
     # accuracy_level 0: MatMulNBits dequantizes to float32 and multiplies exactly, so the tolerance is tight
     exact = onnx_export(variant, 4, symmetric=symmetric, accuracy_level=0)
     tokens, logits = greedy(OnnxSession(exact, n_ctx=128, threads=1), prompt, STEPS)
@@ -157,14 +163,40 @@ def test_onnxruntime_genai_runs_the_folder(variant, tiny_checkpoint, onnx_export
     assert (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()
 
 
-def test_optimized_graph_is_cached_and_reused(onnx_export):
+def test_optimized_graph_is_cached_outside_the_bundle_and_reused(onnx_export, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path / "home"))
     d = onnx_export("phi-3-medium", 32)
-    OnnxSession(d, n_ctx=16, threads=1)
-    cached = sorted(d.glob("model.opt-*.onnx"))
-    assert len(cached) == 1
+    before = sorted(p.name for p in d.iterdir())
+    first = OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
+    cached = sorted((tmp_path / "home" / "onnx").glob("*/model.opt.onnx"))
+    assert len(cached) == 1 and sorted(p.name for p in d.iterdir()) == before
     mtime = cached[0].stat().st_mtime_ns
-    OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
-    assert cached[0].stat().st_mtime_ns == mtime
+    again = OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
+    assert cached[0].stat().st_mtime_ns == mtime and np.array_equal(first, again)
+
+
+def test_unwritable_cache_only_costs_speed(onnx_export, tmp_path, monkeypatch):
+    """No cache folder can be made (a file stands in the way), or the cache folder refuses writes: the session
+    loads all the same, without an error, and gives the same logits."""
+    from readonly import read_only
+
+    d = onnx_export("phi-3-medium", 32)
+    monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path / "fresh"))
+    want = OnnxSession(d, n_ctx=16, threads=1, cache_optimized=False).forward([5, 6, 7])
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path / "file" / "home"))
+    assert np.array_equal(OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7]), want)
+    home = tmp_path / "ro"
+    monkeypatch.setenv("EDGEPHI_HOME", str(home))
+    from edgephi.backends.onnx import optimized_path
+
+    key_dir = optimized_path(d / "model.onnx", "CPUExecutionProvider").parent
+    key_dir.mkdir(parents=True)
+    with read_only(home) as enforced:
+        if not enforced:
+            pytest.skip("this user can write to a folder without write bits and may not mount it read-only")
+        assert np.array_equal(OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7]), want)
+        assert not any(key_dir.iterdir())
 
 
 def test_missing_tensor_names_the_file(tiny_checkpoint, tmp_path):
@@ -176,9 +208,8 @@ def test_missing_tensor_names_the_file(tiny_checkpoint, tmp_path):
     tensors = load_file(ckpt / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, ckpt / "model.safetensors")
-    (tmp_path / "onnx").mkdir()
     with pytest.raises(CheckpointError, match=r"ckpt.*model\.layers\.1\.mlp\.down_proj\.weight"):
-        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path / "onnx", bits=4)
+        Source.open(ckpt)
 
 
 def test_truncated_file_names_the_file(tiny_checkpoint, tmp_path):
@@ -187,17 +218,16 @@ def test_truncated_file_names_the_file(tiny_checkpoint, tmp_path):
     shutil.copytree(src, ckpt)
     path = ckpt / "model.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    (tmp_path / "onnx").mkdir()
     with pytest.raises(CheckpointError, match=r"model\.safetensors.*truncated"):
-        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path / "onnx", bits=32)
+        Source.open(ckpt)
 
 
 def test_bad_options_are_refused(tiny_checkpoint, tmp_path):
-    ckpt = tiny_checkpoint("phi-2")
+    src = Source.open(tiny_checkpoint("phi-2"))
     with pytest.raises(ValueError, match="bits=8"):
-        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path, bits=8)
+        export(src, tmp_path, bits=8)
     with pytest.raises(ValueError, match="blocksize"):
-        export(ckpt, PhiSpec.from_hf_config(ckpt), tmp_path, bits=4, blocksize=64)
+        export(src, tmp_path, bits=4, blocksize=64)
 
 
 def test_backend_availability():

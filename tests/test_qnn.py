@@ -31,10 +31,12 @@ pytest.importorskip("onnxruntime_qnn", reason="onnxruntime-qnn is not installed 
 import tiny  # noqa: E402
 from edgephi.backends.onnx import OnnxSession  # noqa: E402
 from edgephi.backends.qnn import QnnBackend, QnnSession  # noqa: E402
-from edgephi.backends import qnn_ep  # noqa: E402
+from edgephi.formats import onnx_npu as npu_fmt  # noqa: E402
+from edgephi.formats import qnn as qnn_ep  # noqa: E402
 from edgephi.devices import probe  # noqa: E402
 from edgephi.export import onnx as onnx_export  # noqa: E402
 from edgephi.export import onnx_npu  # noqa: E402
+from edgephi.export.source import Source  # noqa: E402
 from edgephi.spec import PhiSpec  # noqa: E402
 
 VARIANTS = ["phi-2", "phi-3-mini-4k", "phi-3-mini-128k", "phi-3-medium", "phi-4-mini"]
@@ -53,15 +55,14 @@ def exports(tiny_checkpoint, tmp_path_factory):
     def get(variant: str, bits: int, quantize_lm_head: bool = True):
         key = (variant, bits, quantize_lm_head)
         if key not in cache:
-            ckpt = tiny_checkpoint(variant)
-            spec = PhiSpec.from_hf_config(ckpt)
+            src = Source.open(tiny_checkpoint(variant))
             root = tmp_path_factory.mktemp(f"qnn-{variant}-{bits}")
             npu, cpu = root / "onnx-npu", root / "onnx"
             npu.mkdir()
             cpu.mkdir()
-            onnx_npu.export(ckpt, spec, npu, bits=bits, n_ctx=N_CTX, chunk=CHUNK, compile=False,
+            onnx_npu.export(src, npu, bits=bits, n_ctx=N_CTX, chunk=CHUNK, compile=False,
                             quantize_lm_head=quantize_lm_head)
-            onnx_export.export(ckpt, spec, cpu, bits=bits, accuracy_level=0, quantize_lm_head=quantize_lm_head)
+            onnx_export.export(src, cpu, bits=bits, accuracy_level=0, quantize_lm_head=quantize_lm_head)
             cache[key] = npu, cpu
         return cache[key]
 
@@ -139,14 +140,14 @@ def test_int4_head_one_step(exports, tiny_checkpoint):
     assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.9  # per-position argmax, near-ties included
 
 
-@pytest.mark.parametrize("target", list(qnn_ep.TARGETS))
+@pytest.mark.parametrize("target", list(npu_fmt.TARGETS))
 def test_every_target_compiles_and_agrees(target, exports, tmp_path):
     """Each target: the decode graph compiled to a context binary, reloaded, one step as on the CPU."""
     import onnxruntime as ort
 
     npu, _ = exports("phi-3-mini-4k", 16)
     ctx = tmp_path / "decode.onnx"
-    written = qnn_ep.compile_context(npu / "decode.onnx", ctx, qnn_ep.get_target(target))
+    written = qnn_ep.compile_context(npu / "decode.onnx", ctx, npu_fmt.get_target(target))
     assert ctx in written and any(p.suffix == ".bin" for p in written)
     rng = np.random.default_rng(0)
     cpu = ort.InferenceSession(str(npu / "decode.onnx"), providers=["CPUExecutionProvider"])
@@ -157,7 +158,7 @@ def test_every_target_compiles_and_agrees(target, exports, tmp_path):
         if i.name.startswith("past_"):
             feed[i.name] = rng.standard_normal(i.shape).astype(np.float16)
     ref = cpu.run(["logits"], feed)[0].astype(np.float32)
-    got = qnn_ep.make_session(ctx, qnn_ep.get_target(target)).run(["logits"], feed)[0].astype(np.float32)
+    got = qnn_ep.make_session(ctx, npu_fmt.get_target(target)).run(["logits"], feed)[0].astype(np.float32)
     assert np.abs(got - ref).max() <= LOGITS_TOL * np.abs(ref).max()
 
 
@@ -184,7 +185,7 @@ def test_context_binary_roundtrip(tiny_checkpoint, tmp_path):
     reloaded = check_against_cpu(out / "onnx-npu", out / "onnx", spec.vocab_size, "phi-4-mini context binary",
                                  target=TARGET)
     assert reloaded.from_context
-    cfg = json.loads((out / "onnx-npu" / onnx_npu.CONFIG).read_text())
+    cfg = json.loads((out / "onnx-npu" / npu_fmt.CONFIG).read_text())
     assert cfg["targets"][TARGET]["htp_arch"] == 75
 
 

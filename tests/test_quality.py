@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from edgephi.export.bundle import export_bundle
-from edgephi.quality import check_bundle, heldout_text, kl_divergence, log_softmax
+from edgephi.benchmarks.quality import check_bundle, heldout_text, kl_divergence, log_softmax
 
 
 def test_kl_is_zero_for_identical_and_positive_otherwise():

@@ -1,8 +1,8 @@
 """Core ML backend: runs the stateful ML program of a bundle's coreml/ entry (macOS 15+, coremltools).
 
-The program (export/coreml.py) takes input_ids (1, T) and position (1,), keeps the KV cache in two states and
-returns logits (1, T, V).  The session's cache is an MLState from make_state(); rewind() only lowers n_past:
-the slots past it keep stale keys, which the program's mask ignores (a query at p sees slots <= p only).
+The program (edgephi/formats/coreml.py) takes input_ids (1, T) and position (1,), keeps the KV cache in two
+states and returns logits (1, T, V).  The session's cache is an MLState from make_state(); rewind() only lowers
+n_past: the slots past it keep stale keys, which the program's mask ignores (a query at p sees slots <= p only).
 """
 from __future__ import annotations
 
@@ -12,15 +12,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..formats import coreml as fmt
 from .base import Backend, Session, register_backend
 
 log = logging.getLogger(__name__)
 
-MIN_MACOS = (15,)
-DEFAULT_ENTRY = "coreml/model.mlpackage"
 # edgephi device -> coremltools ComputeUnit name (the CPU is always allowed as a fallback for unsupported ops)
 COMPUTE_UNITS = {"npu": "CPU_AND_NE", "metal": "CPU_AND_GPU", "cpu": "CPU_ONLY"}
-CONTEXT_KEY = "edgephi.context_length"
 
 
 def _entry(manifest: Any) -> str:
@@ -28,9 +26,9 @@ def _entry(manifest: Any) -> str:
     formats = getattr(manifest, "formats", None)
     if formats is None and isinstance(manifest, dict):
         formats = manifest.get("formats")
-    fmt = formats.get("coreml") if isinstance(formats, dict) else None
-    entry = getattr(fmt, "entry", None) or (fmt.get("entry") if isinstance(fmt, dict) else None)
-    return entry or DEFAULT_ENTRY
+    entry = formats.get(fmt.FORMAT) if isinstance(formats, dict) else None
+    path = getattr(entry, "entry", None) or (entry.get("entry") if isinstance(entry, dict) else None)
+    return path or fmt.DEFAULT_ENTRY
 
 
 class CoreMLSession(Session):
@@ -45,9 +43,9 @@ class CoreMLSession(Session):
         if not ids:
             raise ValueError("forward: no token ids given")
         self.check_room(len(ids))
-        out = self.model.predict({"input_ids": np.array([ids], dtype=np.int32),
-                                  "position": np.array([self.n_past], dtype=np.int32)}, state=self.state)
-        logits = np.asarray(out["logits"], dtype=np.float32)[0]  # (T, V)
+        out = self.model.predict({fmt.INPUT_IDS: np.array([ids], dtype=np.int32),
+                                  fmt.POSITION: np.array([self.n_past], dtype=np.int32)}, state=self.state)
+        logits = np.asarray(out[fmt.LOGITS], dtype=np.float32)[0]  # (T, V)
         self.n_past += len(ids)
         self.n_evaluated += len(ids)
         return logits if all_logits else logits[-1]
@@ -64,7 +62,7 @@ class CoreMLSession(Session):
 @register_backend
 class CoreMLBackend(Backend):
     name = "coreml"
-    format = "coreml"
+    format = fmt.FORMAT
     devices = ("npu", "metal", "cpu")
 
     @classmethod
@@ -74,7 +72,7 @@ class CoreMLBackend(Backend):
         if probe.system != "Darwin":
             return f"Core ML runs only on macOS 15+; this is {probe.system}"
         version = probe.macos_version
-        if version is None or tuple(version) < MIN_MACOS:
+        if version is None or tuple(version) < fmt.MIN_MACOS:
             shown = ".".join(map(str, version)) if version else "unknown"
             return f"Core ML stateful models (KV cache states) need macOS 15+; this is macOS {shown}"
         if not probe.has("coremltools"):
@@ -96,7 +94,7 @@ class CoreMLBackend(Backend):
             raise FileNotFoundError(f"{path}: Core ML package not found (the manifest's coreml entry)")
         model = ct.models.MLModel(str(path), compute_units=getattr(ct.ComputeUnit, COMPUTE_UNITS[device]))
         meta = model.user_defined_metadata
-        if CONTEXT_KEY not in meta:
-            raise ValueError(f"{path}: metadata key {CONTEXT_KEY!r} missing; not an edgephi export")
+        if fmt.N_CTX_KEY not in meta:
+            raise ValueError(f"{path}: metadata key {fmt.N_CTX_KEY!r} missing; not an edgephi export")
         log.info("coreml: opened %s on %s (%s)", path, device, COMPUTE_UNITS[device])
-        return CoreMLSession(model, int(meta[CONTEXT_KEY]))
+        return CoreMLSession(model, int(meta[fmt.N_CTX_KEY]))

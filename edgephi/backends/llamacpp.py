@@ -18,7 +18,6 @@ Two places where llama.cpp (0.3.x) and transformers differ, and what edgephi doe
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,40 +25,17 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..devices import physical_cores
+from ..formats import check_n_ctx
+from ..formats import gguf as fmt
 from .base import Backend, Session, register_backend
 from .llamacpp_window import WindowedCache
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_CTX = 4096  # default context cap: the KV cache of a 128k model at full length would not fit a laptop
 DEFAULT_BATCH = 512
 SLIDING_WINDOW_MODES = ("exact", "cap", "off")
 FLASH_ATTN_MODES = ("auto", "on", "off")
 _GPU_DEVICES = ("metal", "cuda")
-
-
-# ggml_log_level (ggml.h) -> logging level.  llama.cpp's warnings go to DEBUG: the ones Phi triggers (e.g. "Phi SWA
-# is currently disabled") are handled here, and llama-cpp-python's own mapping predates the current numbering.
-_GGML_LEVELS = {0: logging.DEBUG, 1: logging.DEBUG, 2: logging.DEBUG, 3: logging.DEBUG, 4: logging.ERROR}
-_llama_log = logging.getLogger("edgephi.llama.cpp")
-_log_state = {"callback": None, "level": logging.DEBUG}
-
-
-def quiet_llama_logs() -> None:
-    """Send llama.cpp's log (stderr by default) to the logger "edgephi.llama.cpp" (errors at ERROR, rest DEBUG)."""
-    if _log_state["callback"] is not None:
-        return
-    import llama_cpp
-
-    @llama_cpp.llama_log_callback
-    def _callback(level: int, text: bytes, _user_data) -> None:
-        if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous message at its level
-            _log_state["level"] = _GGML_LEVELS.get(level, logging.DEBUG)
-        if _llama_log.isEnabledFor(_log_state["level"]):
-            _llama_log.log(_log_state["level"], "%s", text.decode("utf-8", "replace").rstrip("\n"))
-
-    _log_state["callback"] = _callback  # keep a reference: llama.cpp holds a raw pointer to it
-    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
 
 
 def _needs_offload(probe, what: str) -> str | None:
@@ -85,7 +61,7 @@ class LlamaCppSession(Session):
                  sliding_window: int | None, n_batch: int = DEFAULT_BATCH, flash_attn: str = "auto"):
         import llama_cpp
 
-        quiet_llama_logs()
+        fmt.quiet_llama_logs()
         self._ll = llama_cpp
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
@@ -216,7 +192,7 @@ def _window_and_ctx(spec, n_ctx: int, mode: str) -> tuple[int | None, int]:
 @register_backend
 class LlamaCppBackend(Backend):
     name = "llamacpp"
-    format = "gguf"
+    format = fmt.FORMAT
     devices = ("metal", "cuda", "cpu")
 
     @classmethod
@@ -235,7 +211,7 @@ class LlamaCppBackend(Backend):
     def open(cls, bundle_dir: Path, manifest: Any, device: str, *, n_ctx: int | None = None,
              threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
              flash_attn: str | None = None, **options) -> LlamaCppSession:
-        """Options: n_ctx (default: the model's context, at most 4096), threads (default: physical cores),
+        """Options: n_ctx (default: edgephi.formats.default_n_ctx of the model's context), threads (default: physical cores),
         n_batch, sliding_window ("exact" | "cap" | "off"), flash_attn ("auto": llama.cpp decides, "on", "off";
         default "off" on CPU, "auto" on Metal/CUDA).
 
@@ -253,17 +229,13 @@ class LlamaCppBackend(Backend):
             raise ValueError(f"sliding_window={sliding_window!r}; choose one of {', '.join(SLIDING_WINDOW_MODES)}")
         if device not in cls.devices:
             raise ValueError(f"llamacpp backend: device {device!r}; choose one of {', '.join(cls.devices)}")
-        entry = manifest.formats.get("gguf") if manifest is not None else None
+        entry = manifest.formats.get(fmt.FORMAT) if manifest is not None else None
         if entry is None:
             raise ValueError(f"{bundle_dir}: the bundle has no gguf format (export it with --format gguf)")
         path = Path(bundle_dir) / entry.entry
         if not path.is_file():
             raise FileNotFoundError(f"{path}: GGUF file named by manifest.json is missing")
-        model_ctx = int(manifest.context_length)
-        if n_ctx is None:
-            n_ctx = min(model_ctx, DEFAULT_MAX_CTX)
-        elif not 0 < n_ctx <= model_ctx:
-            raise ValueError(f"n_ctx={n_ctx}: must be between 1 and the model's context length {model_ctx}")
+        n_ctx = check_n_ctx(n_ctx, int(manifest.context_length), "llamacpp backend")
         spec = manifest.spec
         window, n_ctx = _window_and_ctx(spec, n_ctx, sliding_window)
         rs = getattr(spec, "rope_scaling", None)
@@ -282,6 +254,6 @@ def open_gguf(path: str | Path, spec=None, *, device: str = "cpu", **options) ->
     from types import SimpleNamespace
 
     path = Path(path)
-    ctx = spec.max_position_embeddings if spec is not None else options.pop("context_length", DEFAULT_MAX_CTX)
-    manifest = SimpleNamespace(formats={"gguf": SimpleNamespace(entry=path.name)}, context_length=ctx, spec=spec)
+    ctx = spec.max_position_embeddings if spec is not None else options.pop("context_length")
+    manifest = SimpleNamespace(formats={fmt.FORMAT: SimpleNamespace(entry=path.name)}, context_length=ctx, spec=spec)
     return LlamaCppBackend.open(path.parent, manifest, device, **options)

@@ -1,17 +1,18 @@
 """ONNX Runtime backend: runs the bundle's onnx/model.onnx with IO binding and one preallocated KV cache.
 
-The exported graph's GroupQueryAttention reads and writes the cache in place when the same buffer is bound as
-``past_key_values.{i}.*`` and ``present.{i}.*`` (past_present_share_buffer; the kernel compares the pointers).
-The buffer holds n_ctx positions; seqlens_k (from the attention mask's length) tells the kernel how many are
-valid, so a decode step copies nothing and rewind() only lowers n_past.
+The graph (edgephi/formats/onnx.py) has GroupQueryAttention read and write the cache in place when the same
+buffer is bound as past and present (past_present_share_buffer; the kernel compares the pointers).  The buffer
+holds n_ctx positions; seqlens_k (from the attention mask's length) tells the kernel how many are valid, so a
+decode step copies nothing and rewind() only lowers n_past.
 
-The first load saves the optimized graph (ORT_ENABLE_EXTENDED: portable across machines of one kind) beside
-the model or, if that directory is read-only, under ~/.cache/edgephi/onnx; later loads open it directly.
+The first load saves the optimized graph (ORT_ENABLE_EXTENDED: portable across machines of one kind) in the user
+cache ($EDGEPHI_HOME/onnx), keyed by the graph's sha256, the weights file's size and time, onnxruntime's version
+and the provider; later loads open it directly.  The bundle itself is never written (it may be read-only, as an
+app's is), and a cache that cannot be written only costs load time.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -20,12 +21,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..devices import Probe, physical_cores
+from ..formats import check_n_ctx
+from ..formats import onnx as fmt
+from ..paths import cache_home
 from .base import Backend, Session, register_backend
 
 log = logging.getLogger(__name__)
 
-GENAI_CONFIG = "genai_config.json"
-DEFAULT_N_CTX = 4096  # the cache is preallocated: a 128k context would need ~100 GB for Phi-3-mini
 # execution providers per device, best first; the first one onnxruntime has here is used (CPU always follows)
 PROVIDERS: dict[str, tuple[str, ...]] = {
     "cuda": ("CUDAExecutionProvider",),
@@ -35,23 +37,17 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
 CACHE_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("EDGEPHI_CACHE", Path.home() / ".cache" / "edgephi")) / "onnx"
-
-
 def optimized_path(model_path: Path, provider: str) -> Path:
-    """Where the optimized graph for `provider` lives: beside the model if writable, else in the user cache."""
+    """Where the optimized graph of this exact model for `provider` lives in the user cache."""
     import onnxruntime as ort
 
-    st = model_path.stat()
-    key = f"{ort.__version__}-{provider}-{st.st_size}-{int(st.st_mtime)}"
-    tag = hashlib.sha1(key.encode()).hexdigest()[:12]
-    name = f"{model_path.stem}.opt-{tag}.onnx"
-    if os.access(model_path.parent, os.W_OK):
-        return model_path.parent / name
-    d = _cache_dir() / hashlib.sha1(str(model_path.resolve()).encode()).hexdigest()[:16]
-    d.mkdir(parents=True, exist_ok=True)
-    return d / name
+    h = hashlib.sha256(model_path.read_bytes())  # the graph alone: its weights are external
+    data = model_path.with_name(model_path.name + ".data")
+    if data.is_file():
+        st = data.stat()
+        h.update(f"{st.st_size}-{st.st_mtime_ns}".encode())
+    h.update(f"{ort.__version__}-{provider}".encode())
+    return cache_home() / "onnx" / h.hexdigest()[:24] / f"{model_path.stem}.opt.onnx"
 
 
 def _session_options(threads: int | None, save_to: Path | None):
@@ -81,12 +77,36 @@ def make_session(model_path: Path, provider: str, threads: int | None = None, ca
             return ort.InferenceSession(str(opt), _session_options(threads, None), providers=providers)
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types; rebuild on any
             log.warning("%s: cached optimized graph unusable (%s); rebuilding it", opt, e)
-            opt.unlink(missing_ok=True)
-    tmp = None if opt is None else opt.with_name(f"tmp{os.getpid()}-" + opt.name)
-    sess = ort.InferenceSession(str(model_path), _session_options(threads, tmp), providers=providers)
+            _remove(opt)
+    tmp = None
+    if opt is not None:
+        try:
+            opt.parent.mkdir(parents=True, exist_ok=True)
+            tmp = opt.with_name(f"tmp{os.getpid()}-" + opt.name)
+        except OSError as e:
+            log.info("optimized-graph cache %s not writable (%s): loading without it", opt.parent, e)
+    try:
+        sess = ort.InferenceSession(str(model_path), _session_options(threads, tmp), providers=providers)
+    except Exception:  # noqa: BLE001 - a full or read-only cache makes onnxruntime fail: load without saving
+        if tmp is None:
+            raise
+        _remove(tmp)
+        return ort.InferenceSession(str(model_path), _session_options(threads, None), providers=providers)
     if tmp is not None and tmp.is_file():
-        _rename_optimized(tmp, opt)
+        try:
+            _rename_optimized(tmp, opt)
+        except OSError as e:
+            log.info("could not keep the optimized graph in %s (%s)", opt.parent, e)
+            _remove(tmp)
     return sess
+
+
+def _remove(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".data")):
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def _rename_optimized(tmp: Path, final: Path) -> None:
@@ -111,29 +131,19 @@ class OnnxSession(Session):
                  threads: int | None = None, cache_optimized: bool = True, model_file: str | None = None):
         import onnxruntime as ort
 
-        cfg_path = Path(model_dir) / GENAI_CONFIG
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))["model"]
-            dec = cfg["decoder"]
-            self.n_layers, self.n_kv, self.head_dim = (int(dec["num_hidden_layers"]), int(dec["num_key_value_heads"]),
-                                                       int(dec["head_size"]))
-            context = int(cfg["context_length"])
-            model_file = model_file or dec["filename"]
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg_path}: missing (the onnx exporter writes it beside model.onnx)") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: corrupt genai_config ({e.__class__.__name__}: {e})") from None
-        model_path = Path(model_dir) / model_file
+        cfg = fmt.read_genai_config(model_dir)
+        self.n_layers, self.n_kv, self.head_dim = cfg.n_layers, cfg.n_kv, cfg.head_dim
+        model_path = Path(model_dir) / (model_file or cfg.model_file)
         if not model_path.is_file():
-            raise FileNotFoundError(f"{model_path}: model file named by {cfg_path.name} is missing")
-        self.n_ctx = min(context, int(n_ctx or DEFAULT_N_CTX))
+            raise FileNotFoundError(f"{model_path}: model file named by {fmt.GENAI_CONFIG} is missing")
+        self.n_ctx = check_n_ctx(n_ctx, cfg.context_length, "onnx backend")
         self.provider = provider
         self.sess = make_session(model_path, provider, threads, cache_optimized)
-        self.vocab = int(cfg.get("vocab_size", 0))
+        self.vocab = cfg.vocab_size
         dev = CACHE_DEVICE.get(provider, "cpu")
         shape = (1, self.n_kv, self.n_ctx, self.head_dim)  # (B, n_kv, n_ctx, hd): past and present share it
         self.io = self.sess.io_binding()
-        self.io.bind_output("logits")  # bound first: get_outputs()[0] is the logits
+        self.io.bind_output(fmt.LOGITS)  # bound first: get_outputs()[0] is the logits
         self._cache = []
         for i in range(self.n_layers):
             for kind in ("key", "value"):
@@ -142,8 +152,8 @@ class OnnxSession(Session):
                 else:
                     buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
                 self._cache.append(buf)
-                self.io.bind_ortvalue_input(f"past_key_values.{i}.{kind}", buf)
-                self.io.bind_ortvalue_output(f"present.{i}.{kind}", buf)
+                self.io.bind_ortvalue_input(fmt.PAST[kind] % i, buf)
+                self.io.bind_ortvalue_output(fmt.PRESENT[kind] % i, buf)
         self.n_past = 0
         self.n_evaluated = 0
 
@@ -153,10 +163,10 @@ class OnnxSession(Session):
         if t == 0:
             raise ValueError("forward: no token ids given")
         self.check_room(t)
-        self.io.bind_cpu_input("input_ids", ids)
+        self.io.bind_cpu_input(fmt.INPUT_IDS, ids)
         # only the mask's length matters: GQA takes positions and valid lengths from it (no padding, batch 1)
-        self.io.bind_cpu_input("attention_mask", np.ones((1, self.n_past + t), np.int64))
-        self.io.bind_output("logits")
+        self.io.bind_cpu_input(fmt.ATTENTION_MASK, np.ones((1, self.n_past + t), np.int64))
+        self.io.bind_output(fmt.LOGITS)
         self.sess.run_with_iobinding(self.io)
         logits = self.io.get_outputs()[0].numpy()  # (1, T, V)
         self.n_past += t
@@ -196,13 +206,13 @@ class OnnxBackend(Backend):
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> OnnxSession:
-        """options: n_ctx (cache length, default min(context, 4096)), threads (default physical cores),
+        """options: n_ctx (cache length, default edgephi.formats.default_n_ctx), threads (default physical cores),
         provider (an onnxruntime execution provider name overriding the device's), cache_optimized (True)."""
         from ..devices import probe
 
-        entry = "onnx/model.onnx"
-        if manifest is not None and getattr(manifest, "formats", None) and "onnx" in manifest.formats:
-            entry = manifest.formats["onnx"].entry
+        entry = f"{fmt.FORMAT}/{fmt.MODEL_FILE}"
+        if manifest is not None and getattr(manifest, "formats", None) and fmt.FORMAT in manifest.formats:
+            entry = manifest.formats[fmt.FORMAT].entry
         model_path = Path(bundle_dir) / entry
         provider = options.pop("provider", None)
         if provider is None:

@@ -1,4 +1,4 @@
-"""NPU backend: the onnx-npu bundle (export/onnx_npu.py) on Qualcomm's Hexagon HTP through onnxruntime-qnn.
+"""NPU backend: the onnx-npu format (edgephi/formats/onnx_npu.py) on Qualcomm's Hexagon HTP through onnxruntime-qnn.
 
 Two static graphs: prefill (chunk tokens) and decode (1 token).  The KV cache lives here, in float16 numpy arrays
 (1, n_kv, n_ctx, head_dim) per layer: every run reads the whole cache plus an additive mask (causal, valid length,
@@ -10,7 +10,6 @@ NPU speed.  unavailable_reason() therefore refuses device "npu" there; tests ope
 """
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,12 +17,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..devices import Probe
+from ..formats import onnx_npu as fmt
 from .base import Backend, Session, register_backend
 
 log = logging.getLogger(__name__)
 
-FORMAT = "onnx-npu"
-CONFIG = "npu_config.json"
 REAL_DEVICE_NEEDS = ("a Snapdragon SoC with a Hexagon HTP (v73 or later: 8 Gen 2/3, 8 Elite, X Elite) and Qualcomm's "
                      "QNN HTP driver (Windows on Snapdragon or arm64 Android/Linux with onnxruntime-qnn)")
 
@@ -36,40 +34,33 @@ def emulation_reason(machine: str) -> str:
 class QnnSession(Session):
     def __init__(self, model_dir: Path, target: str | None = None, prefer_context: bool = True,
                  threads: int | None = None, strict: bool = True, record: bool = False, n_ctx: int | None = None):
-        from .qnn_ep import get_target, make_session
+        from ..formats.qnn import make_session
 
         model_dir = Path(model_dir)
-        cfg_path = model_dir / CONFIG
-        try:
-            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-            self.cache_len, self.chunk = int(cfg["n_ctx"]), int(cfg["chunk"])  # static: fixed at export
-            self.n_layers, self.n_kv, self.head_dim = (int(cfg["num_hidden_layers"]), int(cfg["num_key_value_heads"]),
-                                                       int(cfg["head_dim"]))
-            graphs, compiled = cfg["graphs"], cfg.get("targets", {})
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{cfg_path}: missing (the onnx-npu exporter writes it)") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{cfg_path}: corrupt npu config ({e.__class__.__name__}: {e})") from None
-        self.n_ctx = self.cache_len if n_ctx is None else min(int(n_ctx), self.cache_len)
-        if n_ctx is not None and int(n_ctx) > self.cache_len:
+        cfg = fmt.NpuConfig.load(model_dir)
+        self.graph_ctx, self.chunk = int(cfg.n_ctx), int(cfg.chunk)  # static: fixed at export
+        self.n_layers, self.n_kv, self.head_dim = cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim
+        self.n_ctx = self.graph_ctx if n_ctx is None else min(int(n_ctx), self.graph_ctx)
+        if n_ctx is not None and int(n_ctx) > self.graph_ctx:
             log.info("qnn: n_ctx=%s asked for; the static graphs hold %d (export with a larger n_ctx)", n_ctx,
-                     self.cache_len)
-        self.window = cfg.get("sliding_window")
-        self.mask_value = np.float16(cfg.get("mask_value", -30000.0))
-        self.long_offset, self.long_after = cfg.get("rope_long_offset"), cfg.get("rope_long_after")
+                     self.graph_ctx)
+        self.window = cfg.sliding_window
+        self.mask_value = np.float16(cfg.mask_value)
+        self.long_offset, self.long_after = cfg.rope_long_offset, cfg.rope_long_after
+        compiled = cfg.targets
         if target is None:
             target = next(iter(compiled), None) or "sm8650"
-        self.target = get_target(target)
+        self.target = fmt.get_target(target)
         self.from_context = prefer_context and target in compiled
         self.sessions = {}
-        for name in ("prefill", "decode"):
-            path = model_dir / (compiled[target]["graphs"][name] if self.from_context else graphs[name]["file"])
+        for name in fmt.GRAPHS:
+            path = model_dir / (compiled[target]["graphs"][name] if self.from_context else cfg.graphs[name]["file"])
             if not path.is_file():
-                raise FileNotFoundError(f"{path}: {name} graph named by {cfg_path.name} is missing")
+                raise FileNotFoundError(f"{path}: {name} graph named by {fmt.CONFIG} is missing")
             self.sessions[name] = make_session(path, self.target, strict=strict, record=record, threads=threads)
         log.info("qnn: %s graphs for %s (%s)", "context-binary" if self.from_context else "ONNX", target,
                  self.target.chip)
-        shape = (1, self.n_kv, self.cache_len, self.head_dim)  # (B, n_kv, cache_len, hd)
+        shape = (1, self.n_kv, self.graph_ctx, self.head_dim)  # (B, n_kv, graph_ctx, hd)
         self.keys = [np.zeros(shape, np.float16) for _ in range(self.n_layers)]
         self.values = [np.zeros(shape, np.float16) for _ in range(self.n_layers)]
         self.n_past = 0
@@ -78,7 +69,7 @@ class QnnSession(Session):
     # ---- one static run -----------------------------------------------------------------------------------
     def _mask(self, S: int, t: int) -> np.ndarray:
         """(1, 1, S, n_ctx + S) additive bias for t real tokens at n_past.. (rows t..S-1 are padding)."""
-        n, p0 = self.cache_len, self.n_past
+        n, p0 = self.graph_ctx, self.n_past
         q = p0 + np.arange(S)[:, None]  # (S, 1) query positions
         cache_pos = np.arange(n)[None, :]  # (1, n_ctx)
         new_pos = p0 + np.arange(S)[None, :]  # (1, S)
@@ -97,20 +88,20 @@ class QnnSession(Session):
         graph = "decode" if t == 1 else "prefill"
         S = 1 if t == 1 else self.chunk
         pos = self.n_past + np.arange(S)
-        rows = np.minimum(pos, self.cache_len - 1) + (self.long_offset if long else 0)
+        rows = np.minimum(pos, self.graph_ctx - 1) + (self.long_offset if long else 0)
         feed = {"input_ids": np.pad(ids, (0, S - t)).astype(np.int32)[None],
                 "position_ids": rows.astype(np.int32)[None], "attention_bias": self._mask(S, t)}
         for i in range(self.n_layers):
-            feed[f"past_key.{i}"], feed[f"past_value.{i}"] = self.keys[i], self.values[i]
+            feed[fmt.PAST["key"] % i], feed[fmt.PAST["value"] % i] = self.keys[i], self.values[i]
         outs = self.sessions[graph].run(None, feed)
         names = [o.name for o in self.sessions[graph].get_outputs()]
         res = dict(zip(names, outs))
         end = self.n_past + t
         for i in range(self.n_layers):
-            self.keys[i][:, :, self.n_past:end] = res[f"present_key.{i}"][:, :, :t]
-            self.values[i][:, :, self.n_past:end] = res[f"present_value.{i}"][:, :, :t]
+            self.keys[i][:, :, self.n_past:end] = res[fmt.PRESENT["key"] % i][:, :, :t]
+            self.values[i][:, :, self.n_past:end] = res[fmt.PRESENT["value"] % i][:, :, :t]
         self.n_past = end
-        return res["logits"][0, :t].astype(np.float32)
+        return res[fmt.LOGITS][0, :t].astype(np.float32)
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
@@ -134,7 +125,7 @@ class QnnSession(Session):
 
     def placements(self) -> dict[str, dict[str, int]]:
         """{graph: {execution provider: nodes}}; needs record=True at open."""
-        from .qnn_ep import placements
+        from ..formats.qnn import placements
 
         return {name: placements(s) for name, s in self.sessions.items()}
 
@@ -145,7 +136,7 @@ class QnnSession(Session):
 @register_backend
 class QnnBackend(Backend):
     name = "qnn"
-    format = FORMAT
+    format = fmt.FORMAT
     devices = ("npu",)
 
     @classmethod
@@ -162,7 +153,7 @@ class QnnBackend(Backend):
 
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> QnnSession:
-        """options: target (a key of qnn_ep.TARGETS; default the first compiled one), prefer_context (True: the
+        """options: target (a key of edgephi.formats.onnx_npu.TARGETS; default the first compiled one), prefer_context (True: the
         bundle's context binary when there is one for the target), threads, strict (True: no CPU fallback),
         record (False: True keeps node placements for placements()), n_ctx (at most the exported one),
         allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
@@ -177,7 +168,7 @@ class QnnBackend(Backend):
         why = cls.unavailable_reason(probe(), device if device != "auto" else "npu")
         if why is not None and not (allow and probe().qnn_htp == "emulated"):
             raise ValueError(f"qnn backend: {why}")
-        entry = "onnx-npu/prefill.onnx"
-        if manifest is not None and getattr(manifest, "formats", None) and FORMAT in manifest.formats:
-            entry = manifest.formats[FORMAT].entry
+        entry = f"{fmt.FORMAT}/{fmt.GRAPHS[0]}.onnx"
+        if manifest is not None and getattr(manifest, "formats", None) and fmt.FORMAT in manifest.formats:
+            entry = manifest.formats[fmt.FORMAT].entry
         return QnnSession((Path(bundle_dir) / entry).parent, **options)

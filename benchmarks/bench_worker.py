@@ -1,6 +1,6 @@
 """One benchmark subject in its own process, so that peak RSS is this subject's alone; prints one JSON line.
 
-    python -m edgephi.bench_worker --runner edgephi --path BUNDLE --format onnx --prompt 128,512 --gen 128 \
+    python -m edgephi.benchmarks.bench_worker --runner edgephi --path BUNDLE --format onnx --prompt 128,512 --gen 128 \
         --runs 3 --threads 2 --vocab-lo 3 --vocab-hi 32000
 
 runners: edgephi (edgephi.load on a bundle, format forced), llamacpp (llama-cpp-python directly on a .gguf file,
@@ -120,7 +120,7 @@ RUNNERS = {"edgephi": load_edgephi, "llamacpp": load_llamacpp, "genai": load_gen
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m edgephi.bench_worker")
+    ap = argparse.ArgumentParser(prog="python -m edgephi.benchmarks.bench_worker")
     ap.add_argument("--runner", required=True, choices=sorted(RUNNERS))
     ap.add_argument("--path", required=True)
     ap.add_argument("--format", default=None, choices=["onnx", "gguf", "coreml"])

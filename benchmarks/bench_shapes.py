@@ -25,9 +25,11 @@ from pathlib import Path
 
 import numpy as np
 
+import edgephi
+
 log = logging.getLogger(__name__)
 
-DATA = Path(__file__).resolve().parent / "data" / "shapes"
+DATA = Path(edgephi.__file__).resolve().parent / "data" / "shapes"  # shipped with edgephi (package data)
 PHI3_TOKENIZER = DATA / "phi3-tokenizer"
 # shape -> (config file in edgephi/data/shapes, tokenizer dir or None when none ships with edgephi)
 SHAPES: dict[str, tuple[str, Path | None]] = {
@@ -56,26 +58,20 @@ def repo_root() -> Path | None:
 
 # ---- the checkpoint ------------------------------------------------------------------------------------------------
 def _shared_maker():
-    """benchmarks/shapes.py's make_shape_checkpoint when the checkout has it, else None."""
-    root = repo_root()
-    path = root / "benchmarks" / "shapes.py" if root else None
-    if path is None or not path.is_file():
+    """benchmarks/shapes.py's make_shape_checkpoint when it runs from a source checkout (its tokenizer writer uses
+    the checkout's tests/vocab_build.py), else None."""
+    if not (Path(__file__).resolve().parent.parent / "tests" / "vocab_build.py").is_file():
         return None
-    spec = importlib.util.spec_from_file_location("edgephi_benchmarks_shapes", path)
-    mod = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(mod)
-    except Exception as e:  # a colleague's work in progress must not stop the benchmark
-        log.warning("benchmarks/shapes.py does not import (%s); using edgephi.bench_shapes' writer", e)
-        return None
-    return getattr(mod, "make_shape_checkpoint", None)
+    from edgephi.benchmarks import shapes
+
+    return shapes.make_shape_checkpoint
 
 
 def write_random_checkpoint(config_path: Path, out_dir: Path, dtype: str = "bf16", seed: int = 0) -> Path:
     """Random weights of the config's shape in the Hugging Face layout (sharded safetensors + index), one tensor
     in memory at a time."""
-    from .spec import PhiSpec
-    from .weights import save_safetensors
+    from edgephi.spec import PhiSpec
+    from edgephi.weights import save_safetensors
 
     cfg = json.loads(Path(config_path).read_text())
     spec = PhiSpec.from_hf_config(cfg)
@@ -160,8 +156,8 @@ def shape_checkpoint(shape: str, tokenizer: str | os.PathLike | None = None, see
 
 def shape_bundle(shape: str, formats: tuple[str, ...], tokenizer=None, rebuild: bool = False) -> Path:
     """The cached edgephi bundle of the shape's checkpoint, holding at least `formats`."""
-    from .export.bundle import export_bundle
-    from .manifest import Manifest
+    from edgephi.export.bundle import export_bundle
+    from edgephi.manifest import Manifest
 
     ckpt = shape_checkpoint(shape, tokenizer)
     out = shapes_home() / shape / "bundle"
@@ -189,15 +185,18 @@ def exporter_stamp() -> dict[str, str]:
     exporter code is exported again."""
     import hashlib
 
-    from . import export
+    from edgephi import export
 
     root = Path(export.__file__).resolve().parent
-    common = sorted(root.glob("bundle.py")) + sorted(root.glob("registry.py"))
+    runtime = Path(edgephi.__file__).resolve().parent  # the format layouts and architectures the exporters write
+    common = [f for name in ("bundle", "registry", "source", "checkpoints") for f in sorted(root.glob(f"{name}.py"))]
+    common += sorted((runtime / "arch").glob("*.py"))
     out = {}
     for fmt in ("onnx", "gguf", "coreml"):
         h = hashlib.sha1()
-        for f in common + sorted(root.glob(f"{fmt}*.py")):
-            h.update(f.name.encode() + f.read_bytes())
+        own = [root / f"{fmt}*.py", root / f"lower_{fmt}*.py", runtime / "formats" / f"{fmt}*.py"]
+        for f in common + [f for pattern in own for f in sorted(pattern.parent.glob(pattern.name))]:
+            h.update(f"{f.parent.name}/{f.name}".encode() + f.read_bytes())
         out[fmt] = h.hexdigest()[:16]
     return out
 

@@ -16,9 +16,11 @@ from typing import Sequence
 
 import numpy as np
 
+import edgephi
+
 log = logging.getLogger(__name__)
 
-HELDOUT = Path(__file__).parent / "data" / "heldout"
+HELDOUT = Path(edgephi.__file__).parent / "data" / "heldout"  # shipped with edgephi (package data)
 
 
 @dataclass

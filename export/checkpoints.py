@@ -50,7 +50,7 @@ def resolve(name: str | os.PathLike, offline: bool | None = None, cache_dir: str
     Order: an existing directory; the Hugging Face cache; a download (unless offline).
     """
     if str(name) == "default":
-        from .default_model import checkpoint_dir
+        from edgephi.default_model import checkpoint_dir
 
         return checkpoint_dir()
     path = Path(os.path.expanduser(str(name)))

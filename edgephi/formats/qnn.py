@@ -1,50 +1,24 @@
-"""onnxruntime-qnn plumbing shared by the qnn backend and the onnx-npu exporter's offline compiler.
+"""onnxruntime-qnn plumbing beneath the onnx-npu format: the qnn backend opens sessions with it, the onnx-npu
+exporter compiles context binaries with it (the targets are in edgephi/formats/onnx_npu.py).
 
 onnxruntime-qnn (2.x) is a plugin: QNNExecutionProvider exists only after
 ``onnxruntime.register_execution_provider_library`` and is attached to a session with
 ``SessionOptions.add_provider_for_devices`` (backend_path = the HTP library; the wheel ships no QNN CPU backend).
 
-Targets: an HTP architecture and the SoC id QNN uses for it (QNN SDK docs, "Supported Snapdragon devices").
-float16 activations need a SoC whose HTP computes in float16 (v73 and later here); every target in TARGETS is
-compiled and run on the x86 HTP emulation by tests/test_qnn.py.  v68/v69 are left out: see the htp_arch 69 notes
-in export/onnx_npu.py.  With soc_model set, the emulation follows the SoC and ignores htp_arch.
+Every target in onnx_npu.TARGETS is compiled and run on the x86 HTP emulation by tests/test_qnn.py.
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+
+from .onnx_npu import Target
 
 log = logging.getLogger(__name__)
 
 EP_NAME = "QNNExecutionProvider"
-
-
-@dataclass(frozen=True)
-class Target:
-    name: str
-    htp_arch: int
-    soc_model: int
-    chip: str
-
-
-# name -> target; the default compile targets are the phones/laptops with float16 HTPs
-TARGETS = {t.name: t for t in (
-    Target("sm8550", 73, 43, "Snapdragon 8 Gen 2 (Hexagon v73)"),
-    Target("sc8380xp", 73, 60, "Snapdragon X Elite (Hexagon v73)"),
-    Target("sm8650", 75, 57, "Snapdragon 8 Gen 3 (Hexagon v75)"),
-    Target("sm8750", 79, 69, "Snapdragon 8 Elite (Hexagon v79)"),
-)}
-DEFAULT_TARGETS = ("sm8550", "sm8650", "sm8750")
-
-
-def get_target(name: str) -> Target:
-    try:
-        return TARGETS[name]
-    except KeyError:
-        raise ValueError(f"unknown QNN target {name!r}; known: {', '.join(TARGETS)}") from None
 
 
 @functools.lru_cache(maxsize=1)

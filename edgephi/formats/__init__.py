@@ -1,0 +1,38 @@
+"""Format contracts: what an exporter writes and a backend reads, written once per format.
+
+export/<fmt>.py (the writer) and edgephi/backends/<backend>.py (the reader) both import their format's contract
+and never each other.  A contract holds names and rules only (file names, config keys, I/O names, the compiled
+targets): no graph building and no session driving.  The conventions every format shares are here:
+
+* KV length: ``n_ctx`` is the number of positions a session's cache holds (preallocated where the format allows);
+  ``context_length`` is the model's own (``max_position_embeddings``).  A session defaults to
+  ``default_n_ctx(context_length)``: a 128k model's full cache would not fit a phone or a laptop.
+* Sliding window: ``PhiSpec.effective_sliding_window`` (the query at p sees keys p - W < k <= p); each contract
+  says how its format expresses it.
+* Masks are additive with ``MASK_VALUE`` where a format builds its own mask: exp(-30000 + score) is 0 in float16
+  and float16 holds -30000 exactly, where -inf upsets some compilers (Core ML, QNN).
+"""
+from __future__ import annotations
+
+MASK_VALUE = -30000.0
+DEFAULT_N_CTX = 4096
+# The tokenizer files a bundle carries beside its models (copied from the checkpoint when present).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "added_tokens.json", "chat_template.jinja")
+# Every format a bundle may hold, with the module of its contract (edgephi.formats.<module>).
+FORMATS = {"onnx": "onnx", "gguf": "gguf", "coreml": "coreml", "onnx-npu": "onnx_npu"}
+
+
+def default_n_ctx(context_length: int) -> int:
+    """The cache a session allocates when none is asked for."""
+    return min(int(context_length), DEFAULT_N_CTX)
+
+
+def check_n_ctx(n_ctx: int | None, context_length: int, who: str) -> int:
+    """n_ctx as asked (None: the default), refused with the allowed range when it does not fit the model."""
+    if n_ctx is None:
+        return default_n_ctx(context_length)
+    if isinstance(n_ctx, bool) or not isinstance(n_ctx, int) or not 0 < n_ctx <= context_length:
+        raise ValueError(f"{who}: n_ctx={n_ctx!r}: must be an integer from 1 to the model's context length "
+                         f"{context_length}")
+    return n_ctx
