@@ -85,6 +85,17 @@ def _load() -> None:
         from . import phi, phi3  # noqa: F401  (each registers itself)
 
 
+def checkpoint_tensors(spec, layer: dict[str, tuple[int, ...]], final: dict[str, tuple[int, ...]]
+                       ) -> dict[str, tuple[int, ...]]:
+    """The embedding, every layer's tensors (names relative to "model.layers.{i}.") and the final ones, in
+    checkpoint order."""
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (spec.vocab_size, spec.hidden_size)}
+    for i in range(spec.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}": shape for name, shape in layer.items()})
+    shapes.update(final)
+    return shapes
+
+
 def head_weight(spec) -> str:
     """The output projection's weight: the embedding table itself when the checkpoint ties them."""
     return "model.embed_tokens.weight" if spec.tie_word_embeddings else "lm_head.weight"

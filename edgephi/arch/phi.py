@@ -5,27 +5,23 @@ Reference: transformers' models/phi/modeling_phi.py (PhiDecoderLayer, PhiMLP).
 """
 from __future__ import annotations
 
-from . import Architecture, register
+from . import Architecture, checkpoint_tensors, register
 
 
 def tensors(spec) -> dict[str, tuple[int, ...]]:
     H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     q, kv = spec.num_attention_heads * spec.head_dim, spec.kv_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,), p + "input_layernorm.bias": (H,),
-            p + "self_attn.q_proj.weight": (q, H), p + "self_attn.q_proj.bias": (q,),
-            p + "self_attn.k_proj.weight": (kv, H), p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, H), p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.dense.weight": (H, q), p + "self_attn.dense.bias": (H,),
-            p + "mlp.fc1.weight": (I, H), p + "mlp.fc1.bias": (I,),
-            p + "mlp.fc2.weight": (H, I), p + "mlp.fc2.bias": (H,),
-        })
-    shapes.update({"model.final_layernorm.weight": (H,), "model.final_layernorm.bias": (H,),
-                   "lm_head.weight": (V, H), "lm_head.bias": (V,)})
-    return shapes
+    layer = {
+        "input_layernorm.weight": (H,), "input_layernorm.bias": (H,),
+        "self_attn.q_proj.weight": (q, H), "self_attn.q_proj.bias": (q,),
+        "self_attn.k_proj.weight": (kv, H), "self_attn.k_proj.bias": (kv,),
+        "self_attn.v_proj.weight": (kv, H), "self_attn.v_proj.bias": (kv,),
+        "self_attn.dense.weight": (H, q), "self_attn.dense.bias": (H,),
+        "mlp.fc1.weight": (I, H), "mlp.fc1.bias": (I,),
+        "mlp.fc2.weight": (H, I), "mlp.fc2.bias": (H,),
+    }
+    return checkpoint_tensors(spec, layer, {"model.final_layernorm.weight": (H,), "model.final_layernorm.bias": (H,),
+                                            "lm_head.weight": (V, H), "lm_head.bias": (V,)})
 
 
 def forward(ops, spec):

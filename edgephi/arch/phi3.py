@@ -5,27 +5,24 @@ Reference: transformers' models/phi3/modeling_phi3.py (Phi3DecoderLayer, Phi3MLP
 """
 from __future__ import annotations
 
-from . import Architecture, head_weight, register
+from . import Architecture, checkpoint_tensors, head_weight, register
 
 
 def tensors(spec) -> dict[str, tuple[int, ...]]:
     H, I, V = spec.hidden_size, spec.intermediate_size, spec.vocab_size
     q, kv = spec.num_attention_heads * spec.head_dim, spec.kv_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-    for i in range(spec.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (H,),
-            p + "post_attention_layernorm.weight": (H,),
-            p + "self_attn.qkv_proj.weight": (q + 2 * kv, H),  # rows q | k | v
-            p + "self_attn.o_proj.weight": (H, q),
-            p + "mlp.gate_up_proj.weight": (2 * I, H),  # rows gate | up
-            p + "mlp.down_proj.weight": (H, I),
-        })
-    shapes["model.norm.weight"] = (H,)
+    layer = {
+        "input_layernorm.weight": (H,),
+        "post_attention_layernorm.weight": (H,),
+        "self_attn.qkv_proj.weight": (q + 2 * kv, H),  # rows q | k | v
+        "self_attn.o_proj.weight": (H, q),
+        "mlp.gate_up_proj.weight": (2 * I, H),  # rows gate | up
+        "mlp.down_proj.weight": (H, I),
+    }
+    final = {"model.norm.weight": (H,)}
     if not spec.tie_word_embeddings:
-        shapes["lm_head.weight"] = (V, H)
-    return shapes
+        final["lm_head.weight"] = (V, H)
+    return checkpoint_tensors(spec, layer, final)
 
 
 def forward(ops, spec):
