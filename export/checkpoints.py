@@ -20,6 +20,10 @@ ALIASES: dict[str, str] = {
     "phi-3-medium": "microsoft/Phi-3-medium-4k-instruct",
     "phi-3-medium-128k": "microsoft/Phi-3-medium-128k-instruct",
     "phi-4-mini": "microsoft/Phi-4-mini-instruct",
+    "phi-4": "microsoft/phi-4",
+    "phi-4-reasoning": "microsoft/Phi-4-reasoning",
+    "phi-4-reasoning-plus": "microsoft/Phi-4-reasoning-plus",
+    "phi-4-mini-reasoning": "microsoft/Phi-4-mini-reasoning",
 }
 # What an export needs from a repository (no pickles, no ONNX/GGUF side folders).
 DOWNLOAD_PATTERNS = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]

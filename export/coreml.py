@@ -10,6 +10,7 @@ is preallocated: 4096 tokens of Phi-3-mini already take 2 x 384 MiB of fp16).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 from edgephi.formats import check_n_ctx
 from edgephi.formats import coreml as fmt
 
-from .registry import FormatResult, register, relpath
+from .registry import FormatResult, quiet_libraries, register, relpath
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,26 @@ def convert(prog, n_ctx: int):
     # duplicate tensors to merge (tied embeddings share one const by construction)
     passes = ct.PassPipeline.DEFAULT
     passes.remove_passes(["common::const_deduplication"])
-    return ct.convert(prog, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, fmt.DEPLOYMENT_TARGET),
-                      inputs=inputs, compute_precision=ct.precision.FLOAT16, skip_model_load=True,
-                      pass_pipeline=passes)
+    with _quiet_passes():
+        return ct.convert(prog, convert_to="mlprogram", inputs=inputs, skip_model_load=True, pass_pipeline=passes,
+                          minimum_deployment_target=getattr(ct.target, fmt.DEPLOYMENT_TARGET),
+                          compute_precision=ct.precision.FLOAT16)
+
+
+@contextlib.contextmanager
+def _quiet_passes():
+    """coremltools draws a progress bar per MIL pass pipeline; edgephi shows its own (kept with --verbose)."""
+    from coremltools.converters.mil.mil.passes import pass_pipeline
+
+    if logging.getLogger("edgephi").isEnabledFor(logging.INFO):
+        yield
+        return
+    bar = pass_pipeline.tqdm
+    pass_pipeline.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        pass_pipeline.tqdm = bar
 
 
 def metadata(spec, bits: int, n_ctx: int) -> dict[str, str]:
@@ -55,6 +73,21 @@ def metadata(spec, bits: int, n_ctx: int) -> dict[str, str]:
         m + "vocab_size": str(spec.vocab_size), m + "eos_token_id": json.dumps(list(spec.eos_token_id)),
         m + "spec": json.dumps(spec.to_dict(), sort_keys=True),
     }
+
+
+def _refuses(spec) -> str | None:
+    """The Core ML lowering imports coremltools: check its ops without importing it (names only)."""
+    from edgephi import arch
+
+    missing = sorted(arch.ops_used(spec) - LOWERED_OPS)
+    return (f"{arch.get(spec.model_type).description} needs {', '.join(missing)}, which the Core ML export cannot "
+            "express yet") if missing else None
+
+
+# the op vocabulary export/lower_coreml.py implements (kept here so that checking needs no coremltools)
+LOWERED_OPS = frozenset({"embed", "rms_norm", "layer_norm", "linear", "split_linear", "attention", "act", "mul",
+                         "add", "logits", "embed(scale)", "attention(scale)", "attention(block_sparse)", "act(limit)",
+                         "logits(scale)", "logits(masked)"})
 
 
 def build(src: Source, *, bits: int, n_ctx: int, drop_cache_write_layer: int | None = None, deferred: bool = True):
@@ -82,7 +115,7 @@ def save_package(model, weights, path: Path) -> None:
     fill(path, weights)
 
 
-@register(fmt.FORMAT, bits=tuple(fmt.QUANT_NAMES), requires=("coremltools",))
+@register(fmt.FORMAT, bits=tuple(fmt.QUANT_NAMES), requires=("coremltools",), refuses=_refuses)
 def export(src: Source, out_dir, *, bits: int, n_ctx: int | None = None, **options) -> FormatResult:
     if options:
         raise ValueError(f"coreml export: unknown options {', '.join(sorted(options))}; known: n_ctx")
@@ -90,7 +123,8 @@ def export(src: Source, out_dir, *, bits: int, n_ctx: int | None = None, **optio
 
     spec, out_dir = src.spec, Path(out_dir)
     n_ctx = check_n_ctx(n_ctx, spec.max_position_embeddings, "coreml export")
-    model, weights = build(src, bits=bits, n_ctx=n_ctx)
+    with quiet_libraries("coremltools"):  # no macOS runtime here, an untested torch: said at import, not ours
+        model, weights = build(src, bits=bits, n_ctx=n_ctx)
     model.author = "edgephi"
     model.version = edgephi.__version__
     model.short_description = (f"{spec.name or spec.model_type}: {fmt.QUANT_NAMES[bits]} weights, stateful KV "

@@ -170,6 +170,26 @@ def attention_mask(spec, n_ctx: int, positions):
     return mask
 
 
+def block_sparse_mask(spec, n_ctx: int, positions, bs):
+    """Additive mask of a block-sparse layer (edgephi.arch.BlockSparse): (Hk, n_rep*T, C) with a pattern per
+    head, rows ordered as grouped_attention stacks the queries; (n_rep*T, C) for homogeneous heads.
+
+    Two gathers from a block-level table (heads, blocks, blocks), by the queries' blocks then by every slot's
+    block, times the causal mask: no per-token table of C x C is stored."""
+    n_blocks = -(-n_ctx // bs.block_size)
+    table = bs.block_table(spec.num_attention_heads, n_blocks).astype(FP16)  # (heads or 1, nb, nb)
+    block_of = np.arange(n_ctx, dtype=np.int32) // bs.block_size  # (C,)
+    rows = mb.gather(x=table, indices=mb.gather(x=block_of, indices=positions, axis=0), axis=1)  # (h, T, nb)
+    sparse = mb.gather(x=rows, indices=block_of, axis=2)  # (h, T, C)
+    causal = mb.less_equal(x=np.arange(n_ctx, dtype=np.int32)[None, :], y=mb.reshape(x=positions, shape=[-1, 1]))
+    allowed = mb.mul(x=sparse, y=mb.cast(x=causal, dtype="fp16"))  # (h, T, C)
+    mask = mb.mul(x=mb.sub(x=FP16(1.0), y=allowed), y=FP16(MASK_VALUE))
+    if bs.heads(spec.num_attention_heads) == 1:
+        mask = mb.reshape(x=mask, shape=[-1, n_ctx])  # (T, C)
+        return mb.tile(x=mask, reps=[spec.n_rep, 1]) if spec.n_rep > 1 else mask
+    return mb.reshape(x=mask, shape=[spec.num_key_value_heads, -1, n_ctx])  # head j*rep + i -> [j, i*T + t]
+
+
 def grouped_attention(q, k_all, v_all, mask, spec):
     """q (1, T, H, d); k_all, v_all (1, Hk, C, d) -> (1, T, H*d).
 

@@ -56,8 +56,9 @@ class CoreMLLowering:
     def _vector(self, name: str | None):
         return None if name is None else self.W.vector(name)
 
-    def embed(self, table: str):
-        return mb.gather(x=self._matrix(table), indices=self.ctx["input_ids"], axis=0)  # (1, T, hidden)
+    def embed(self, table: str, scale: float | None = None):
+        x = mb.gather(x=self._matrix(table), indices=self.ctx["input_ids"], axis=0)  # (1, T, hidden)
+        return x if scale is None else mb.mul(x=x, y=L.FP16(scale))
 
     def rms_norm(self, x, weight: str):
         return L.rms_norm(x, self.W.vector(weight), self.spec.norm_eps)
@@ -71,7 +72,12 @@ class CoreMLLowering:
     def split_linear(self, x, weight: str, parts: int):
         return tuple(mb.split(x=self.linear(x, weight), num_splits=parts, axis=-1))
 
-    def act(self, x, kind: str):
+    def act(self, x, kind: str, limit: float | None = None):
+        if kind == "gegelu":  # x = [a | b]: quick_gelu(min(a, limit)) * (clip(b, +-limit) + 1)
+            a, b = mb.split(x=x, num_splits=2, axis=-1)
+            a = mb.gelu(x=mb.minimum(x=a, y=L.FP16(limit)), mode="SIGMOID_APPROXIMATION")  # a * sigmoid(1.702 a)
+            b = mb.maximum(x=mb.minimum(x=b, y=L.FP16(limit)), y=L.FP16(-limit))
+            return mb.mul(x=a, y=mb.add(x=b, y=L.FP16(1.0)))
         if kind == "silu":
             return mb.silu(x=x)
         if kind == "gelu_tanh":  # gelu_new
@@ -84,10 +90,19 @@ class CoreMLLowering:
     def add(self, a, b):
         return mb.add(x=a, y=b)
 
-    def logits(self, x, weight: str, bias: str | None = None):
-        return mb.cast(x=self.linear(x, weight, bias), dtype="fp32", name="logits")
+    def logits(self, x, weight: str, bias: str | None = None, scale: float | None = None, masked=None):
+        """Phi-3-small's masked ids get float16's lowest (-65504): the program computes in float16, where
+        arch.MASKED_LOGIT (float32's lowest) would become -inf."""
+        y = self.linear(x, weight, bias)
+        if scale is not None:
+            y = mb.mul(x=y, y=L.FP16(scale))
+        if masked is not None:
+            ids = np.zeros(self.spec.vocab_size, bool)
+            ids[list(masked)] = True
+            y = mb.select(cond=ids, a=np.finfo(L.FP16).min, b=y)
+        return mb.cast(x=y, dtype="fp32", name="logits")
 
-    def attention(self, layer: int, x, qkv, bias):
+    def attention(self, layer: int, x, qkv, bias, scale: float | None = None, block_sparse=None):
         """Projections (one fused matrix split in three, or three), rotary, cache write, grouped attention."""
         s, ctx = self.spec, self.ctx
         hd, heads, hk = s.head_dim, s.num_attention_heads, s.num_key_value_heads
@@ -100,7 +115,14 @@ class CoreMLLowering:
         v = mb.reshape(x=v, shape=[1, -1, hk, hd])
         k_all = self.cache.write("k", layer, k, ctx["position"], ctx["end"])
         v_all = self.cache.write("v", layer, v, ctx["position"], ctx["end"])
-        return L.grouped_attention(q, k_all, v_all, ctx["mask"], s)
+        if scale is not None:  # scaled_dot_product_attention divides by sqrt(head_dim) itself
+            q = mb.mul(x=q, y=L.FP16(scale * hd ** 0.5))
+        mask = ctx["mask"]
+        if block_sparse is not None:  # one mask for every block-sparse layer, built on first use
+            if "sparse_mask" not in ctx:
+                ctx["sparse_mask"] = L.block_sparse_mask(s, self.cache.n_ctx, ctx["positions"], block_sparse)
+            mask = ctx["sparse_mask"]
+        return L.grouped_attention(q, k_all, v_all, mask, s)
 
 
 def cache_shape(spec, n_ctx: int) -> tuple[int, int, int, int]:
@@ -121,7 +143,7 @@ def build_program(spec, W: L.Weights, n_ctx: int, drop_cache_write_layer: int | 
         positions = mb.slice_by_index(x=np.arange(n_ctx, dtype=np.int32), begin=position, end=end)  # (T,)
         cos, sin = L.rope_cos_sin(spec, n_ctx, positions, end)
         ctx = {"input_ids": input_ids, "position": position, "end": end, "cos": cos, "sin": sin,
-               "mask": L.attention_mask(spec, n_ctx, positions)}
+               "mask": L.attention_mask(spec, n_ctx, positions), "positions": positions}
         cache = CacheWriter(spec, n_ctx, key_cache, value_cache, drop_cache_write_layer)
         return family.forward(CoreMLLowering(spec, W, ctx, cache), spec)
 

@@ -56,8 +56,9 @@ class NumpyModel:
         return self._weights[key]
 
     # ---- the op vocabulary ------------------------------------------------------------------------------------
-    def embed(self, table: str) -> np.ndarray:
-        return self.w("embed", table)[self.ids]  # (T, H)
+    def embed(self, table: str, scale: float | None = None) -> np.ndarray:
+        x = self.w("embed", table)[self.ids]  # (T, H)
+        return x if scale is None else x * np.float32(scale)
 
     def rms_norm(self, x, weight: str):
         var = np.mean(x * x, axis=-1, keepdims=True)
@@ -75,7 +76,11 @@ class NumpyModel:
     def split_linear(self, x, weight: str, parts: int):
         return tuple(np.split(self.linear(x, weight), parts, axis=-1))
 
-    def act(self, x, kind: str):
+    def act(self, x, kind: str, limit: float | None = None):
+        if kind == "gegelu":  # x = [gelu half | linear half]
+            a, b = np.split(x, 2, axis=-1)
+            a = np.minimum(a, limit)
+            return a / (1.0 + np.exp(-1.702 * a)) * (np.clip(b, -limit, limit) + 1.0)
         if kind == "silu":
             return x / (1.0 + np.exp(-x))
         if kind == "gelu_tanh":
@@ -88,15 +93,20 @@ class NumpyModel:
     def add(self, a, b):
         return a + b
 
-    def logits(self, x, weight: str, bias: str | None = None):
+    def logits(self, x, weight: str, bias: str | None = None, scale: float | None = None, masked=None):
         y = x @ self.w("logits", weight).T
-        return y if bias is None else y + self.w("bias", bias)
+        y = y if bias is None else y + self.w("bias", bias)
+        if scale is not None:
+            y = y * np.float32(scale)
+        if masked is not None:
+            y[..., list(masked)] = arch.MASKED_LOGIT
+        return y
 
-    def attention(self, layer: int, x, qkv, bias):
+    def attention(self, layer: int, x, qkv, bias, scale: float | None = None, block_sparse=None):
         s = self.spec
         hd, nh, nkv = s.head_dim, s.num_attention_heads, s.num_key_value_heads
         if isinstance(qkv, str):
-            q, k, v = np.split(self.linear(x, qkv), [nh * hd, nh * hd + nkv * hd], axis=-1)
+            q, k, v = np.split(self.linear(x, qkv, bias), [nh * hd, nh * hd + nkv * hd], axis=-1)
         else:
             q, k, v = (self.linear(x, w, b) for w, b in zip(qkv, bias or (None,) * 3))
         T = x.shape[0]
@@ -114,10 +124,15 @@ class NumpyModel:
         window = s.effective_sliding_window
         if window is not None:
             allowed &= kpos > qpos - window
-        bias_mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)  # (T, n_past + T)
+        if block_sparse is not None:  # (heads or 1, T, S)
+            S, bs = len(keys), block_sparse.block_size
+            table = block_sparse.block_table(nh, -(-S // bs))
+            allowed = allowed[None] & table[:, self.positions // bs][:, :, np.arange(S) // bs]
+        bias_mask = np.where(allowed, 0.0, MASK_VALUE).astype(np.float32)  # ([heads,] T, n_past + T)
         kr = np.repeat(keys, s.n_rep, axis=1)  # (S, nh, hd): query head h uses KV head h // n_rep
         vr = np.repeat(vals, s.n_rep, axis=1)
-        scores = np.einsum("thd,shd->hts", q, kr) / math.sqrt(hd) + bias_mask
+        scale = 1.0 / math.sqrt(hd) if scale is None else scale
+        scores = np.einsum("thd,shd->hts", q, kr) * np.float32(scale) + bias_mask
         scores -= scores.max(axis=-1, keepdims=True)
         p = np.exp(scores)
         p /= p.sum(axis=-1, keepdims=True)
@@ -130,3 +145,33 @@ class NumpyModel:
         cos, sin = cos[self.positions][:, None, :], sin[self.positions][:, None, :]  # (T, 1, r)
         x1, x2, rest = x[..., :r], x[..., r:2 * r], x[..., 2 * r:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], axis=-1)
+
+    # ---- mixture of experts (Phi-3.5-MoE) -----------------------------------------------------------------------
+    def sparse_moe(self, x, router: str, experts: list[tuple[str, str, str]]):
+        """Each token through the two experts sparsemixer picks, weighted as it says (transformers, eval mode)."""
+        weights, chosen = sparsemixer(x @ self.w("router", router).T, self.spec.router_jitter_noise)
+        out = np.zeros_like(x)
+        for t in range(x.shape[0]):
+            for w, e in zip(weights[t], chosen[t]):
+                gate, up, down = experts[e]
+                h = self.act(x[t] @ self.w("linear", gate).T, "silu") * (x[t] @ self.w("linear", up).T)
+                out[t] += w * (h @ self.w("linear", down).T)
+        return out
+
+
+def sparsemixer(scores: np.ndarray, jitter_eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """transformers' sparsemixer in eval mode: (weights (T, 2), experts (T, 2)).  Round r picks the best remaining
+    expert and weighs it by the softmax, over the experts whose score is within 2 x jitter_eps (relative to
+    max(|score|, best)) of the round's best, taken at that expert."""
+    T = scores.shape[0]
+    rows = np.arange(T)
+    masked = scores.astype(np.float64)
+    weights, chosen = np.zeros((T, 2)), np.zeros((T, 2), dtype=np.int64)
+    for r in range(2):
+        best, pick = masked.max(axis=-1, keepdims=True), masked.argmax(axis=-1)
+        far = (best - scores) / np.maximum(np.abs(scores), best) > 2 * jitter_eps
+        gates = np.where(far, -np.inf, masked)
+        p = np.exp(gates - gates.max(axis=-1, keepdims=True))
+        weights[:, r], chosen[:, r] = (p / p.sum(axis=-1, keepdims=True))[rows, pick], pick
+        masked[rows, pick] = -np.inf
+    return weights.astype(np.float32), chosen

@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 
-from edgephi.formats import TOKENIZER_FILES
 from edgephi.formats import onnx as fmt
 
 from .lower_onnx import OnnxLowering
 from .onnx_graph import WEIGHT_MODES, GraphBuilder
-from .registry import FormatResult, register, relpath
+from .registry import FormatResult, lowering_refuses, register, relpath
 from .source import Source
+from .tokenizer_files import write_tokenizer_files
 
 log = logging.getLogger(__name__)
 OPTIONS = ("block_size", "symmetric", "accuracy_level", "quantize_lm_head")
@@ -27,20 +26,8 @@ def quant_name(bits: int, block: int, symmetric: bool) -> str:
     return f"int4-b{block}-{'sym' if symmetric else 'asym'}" if bits == 4 else f"f{bits}"
 
 
-def copy_tokenizer_files(src: Source, out_dir: Path) -> list[Path]:
-    """The checkpoint's tokenizer files beside genai_config.json (onnxruntime-genai looks there)."""
-    copied = []
-    for name in TOKENIZER_FILES:
-        if (src.directory / name).is_file():
-            shutil.copy2(src.directory / name, out_dir / name)
-            copied.append(out_dir / name)
-    if not any(p.name in ("tokenizer.json", "tokenizer.model") for p in copied):
-        log.warning("%s: no tokenizer.json or tokenizer.model; onnxruntime-genai will not load the tokenizer",
-                    src.directory)
-    return copied
-
-
-@register(fmt.FORMAT, bits=tuple(WEIGHT_MODES), requires=("onnx",))
+@register(fmt.FORMAT, bits=tuple(WEIGHT_MODES), requires=("onnx",),
+          refuses=lowering_refuses(fmt.FORMAT, OnnxLowering))
 def export(src: Source, out_dir, *, bits: int, **options) -> FormatResult:
     """Write model.onnx + model.onnx.data + genai_config.json + tokenizer files into out_dir.
 
@@ -70,7 +57,9 @@ def export(src: Source, out_dir, *, bits: int, **options) -> FormatResult:
     genai = out_dir / fmt.GENAI_CONFIG
     cfg = fmt.genai_config(spec, src.bos_id, src.eos_ids, src.pad_id, fmt.MODEL_FILE)
     genai.write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
-    files = [model_path, out_dir / fmt.DATA_FILE, genai] + copy_tokenizer_files(src, out_dir)
+    # beside the graph: the tokenizer (onnxruntime-genai), config.json and generation_config.json (Optimum,
+    # transformers.js)
+    files = [model_path, out_dir / fmt.DATA_FILE, genai] + write_tokenizer_files(src, out_dir, extra=("config.json",))
     return FormatResult(format=fmt.FORMAT, files=[relpath(f, out_dir) for f in files], bits=bits, quant=quant,
                         entry=relpath(model_path, out_dir),
                         extra={"block_size": block, "symmetric": symmetric, "accuracy_level": accuracy_level,

@@ -41,21 +41,35 @@ class GraphBuilder:
         if array.nbytes < INLINE_BYTES:
             self.initializers.append(numpy_helper.from_array(array, name))
             return name
+        return self.stacked_constant(name, [array], array.shape)
+
+    def stacked_constant(self, name: str, parts, shape: tuple[int, ...]) -> str:
+        """An external initializer of `shape` written part by part (e.g. one expert at a time): each part is an
+        array of one dtype, written as it comes, so only one part is ever in memory."""
         pad = (-self._offset) % ALIGN
         if pad:
             self._data.write(b"\0" * pad)
             self._offset += pad
-        self._data.write(array.tobytes())
+        start, dtype = self._offset, None
+        for part in parts:
+            part = np.ascontiguousarray(part)
+            if dtype is not None and part.dtype != dtype:
+                raise ValueError(f"initializer {name}: parts of dtypes {dtype} and {part.dtype}")
+            dtype = part.dtype
+            self._data.write(part.tobytes())
+            self._offset += part.nbytes
+        length = self._offset - start
+        if dtype is None or length != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize:
+            raise ValueError(f"initializer {name}: parts hold {length} bytes, shape {list(shape)} needs more or less")
         t = TensorProto()
         t.name = name
-        t.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
-        t.dims.extend(array.shape)
+        t.data_type = helper.np_dtype_to_tensor_dtype(dtype)
+        t.dims.extend(shape)
         t.data_location = TensorProto.EXTERNAL
-        for k, v in (("location", self.data_path.name), ("offset", str(self._offset)), ("length", str(array.nbytes))):
+        for k, v in (("location", self.data_path.name), ("offset", str(start)), ("length", str(length))):
             e = t.external_data.add()
             e.key, e.value = k, v
-        self._offset += array.nbytes
-        self.bytes_written += array.nbytes
+        self.bytes_written += length
         self.initializers.append(t)
         return name
 

@@ -19,7 +19,7 @@ from edgephi.formats import default_n_ctx
 from edgephi.formats import onnx_npu as fmt
 
 from .lower_npu import NpuLowering, SharedBuilder
-from .registry import FormatResult, register, relpath
+from .registry import FormatResult, lowering_refuses, register, relpath
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ OPTIONS = ("chunk", "n_ctx", "targets", "compile", "embed_context", "quantize_lm
 NOTES_V69 = "see the comment above"
 
 
-@register(fmt.FORMAT, bits=(4, 16), requires=("onnx",))
+@register(fmt.FORMAT, bits=(4, 16), requires=("onnx",), refuses=lowering_refuses(fmt.FORMAT, NpuLowering))
 def export(src: Source, out_dir, *, bits: int, **options) -> FormatResult:
     """options: chunk (prefill length, 32), n_ctx (static cache length, default_n_ctx of the model's context),
     targets (QNN targets to compile, edgephi.formats.onnx_npu.DEFAULT_TARGETS; () = none),

@@ -9,6 +9,8 @@ when every format succeeded, so an exporter never needs its own temporary paths)
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -18,6 +20,8 @@ EXPORTERS: dict[str, Callable[..., "FormatResult"]] = {}
 BITS: dict[str, tuple[int, ...]] = {}
 # the Python modules each format needs to export (checked before a default export picks its formats)
 REQUIRES: dict[str, tuple[str, ...]] = {}
+# why each format cannot hold a given model (filled in by register)
+REFUSES: dict[str, Callable[[Any], str | None]] = {}
 
 
 @dataclass
@@ -30,12 +34,15 @@ class FormatResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def register(name: str, bits: tuple[int, ...], requires: tuple[str, ...] = ()):
-    """requires: the Python modules the exporter needs (checked before a default export picks its formats)."""
+def register(name: str, bits: tuple[int, ...], requires: tuple[str, ...] = (),
+             refuses: Callable[[Any], str | None] | None = None):
+    """requires: the Python modules the exporter needs (checked before a default export picks its formats);
+    refuses(spec): why the format cannot hold this model (an op its lowering lacks, no llama.cpp graph), or None."""
     def deco(fn):
         EXPORTERS[name] = fn
         BITS[name] = bits
         REQUIRES[name] = requires
+        REFUSES[name] = refuses or (lambda spec: None)
         return fn
 
     return deco
@@ -45,7 +52,7 @@ def load_all() -> None:
     """Import every exporter module so that its decorator runs (each imports its heavy deps lazily)."""
     import importlib
 
-    for mod in ("gguf", "onnx", "coreml", "onnx_npu"):
+    for mod in ("gguf", "onnx", "coreml", "onnx_npu", "onnx_web"):
         try:
             importlib.import_module(f"edgephi.export.{mod}")
         except ModuleNotFoundError as e:
@@ -59,6 +66,25 @@ def missing_modules(name: str) -> list[str]:
     return [m for m in REQUIRES.get(name, ()) if importlib.util.find_spec(m) is None]
 
 
+def refusal(name: str, spec) -> str | None:
+    load_all()
+    return REFUSES[name](spec) if name in REFUSES else None
+
+
+def lowering_refuses(fmt: str, lowering: type):
+    """refuses() for a format built by a lowering: the ops the model's architecture needs that it lacks."""
+    def refuses(spec) -> str | None:
+        from edgephi import arch
+
+        missing = arch.missing_ops(lowering, spec)
+        if missing:
+            return (f"{arch.get(spec.model_type).description} needs {', '.join(missing)}, which the {fmt} export "
+                    "cannot express yet")
+        return None
+
+    return refuses
+
+
 def get(name: str) -> Callable[..., FormatResult]:
     load_all()
     if name not in EXPORTERS:
@@ -69,3 +95,20 @@ def get(name: str) -> Callable[..., FormatResult]:
 def relpath(path: Path, out_dir: Path) -> str:
     """Bundle-relative name of a file an exporter wrote into out_dir."""
     return str(Path(out_dir.name) / Path(path).relative_to(out_dir))
+
+
+@contextlib.contextmanager
+def quiet_libraries(*loggers: str):
+    """The libraries' own log lines (import-time warnings, version notes) only with --verbose: while exporting,
+    the named loggers stay at ERROR unless edgephi logs at INFO."""
+    if logging.getLogger("edgephi").isEnabledFor(logging.INFO):
+        yield
+        return
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)

@@ -31,6 +31,26 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoint, tmp_path_factory):
+    """tiny_bundle(variant) -> a bundle with ONNX and GGUF at 16 bits of a tiny checkpoint ("default": the built-in
+    model), exported once per session (tests/test_interop.py and tests/test_phi4.py share them)."""
+    cache: dict = {}
+
+    def get(variant: str) -> Path:
+        if variant not in cache:
+            from edgephi.default_model import DATA as default_model
+            from edgephi.export.bundle import export_bundle
+
+            ckpt = default_model if variant == "default" else tiny_checkpoint(variant)
+            out = tmp_path_factory.mktemp(f"bundle-{variant}") / "bundle"
+            export_bundle(str(ckpt), out, formats=("onnx", "gguf"), bits=16)
+            cache[variant] = out
+        return cache[variant]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def reference_model():
     """reference_model(ckpt_dir) -> transformers float32 model (cached per session)."""
     cache: dict = {}

@@ -326,3 +326,14 @@ def test_mlmodel_predict_matches_transformers(device, exported, tiny_checkpoint,
         assert np.abs(g - r).max() / np.abs(r).max() < TOL
     session.rewind(len(prompt))  # stale slots past n_past are masked
     assert np.allclose(session.forward([tokens[0]]), got[1], atol=TOL * np.abs(ref[1]).max())
+
+
+def test_the_op_list_checked_without_coremltools_is_the_lowerings():
+    """export/coreml.py refuses a model by LOWERED_OPS (no coremltools import): it must name exactly the ops
+    the Core ML lowering implements."""
+    from edgephi import arch
+    from edgephi.export.lower_coreml import CoreMLLowering
+
+    methods = {n for n in vars(CoreMLLowering) if not n.startswith("_") and callable(getattr(CoreMLLowering, n))}
+    assert {op for op in cm.LOWERED_OPS if "(" not in op} == methods
+    assert all(arch.implements(CoreMLLowering, op) for op in cm.LOWERED_OPS)  # "attention(block_sparse)" too

@@ -163,9 +163,10 @@ def test_onnxruntime_genai_runs_the_folder(variant, tiny_checkpoint, onnx_export
     assert (d / "tokenizer.json").is_file() or (d / "tokenizer.model").is_file()
 
 
-def test_optimized_graph_is_cached_outside_the_bundle_and_reused(onnx_export, tmp_path, monkeypatch):
+@pytest.mark.parametrize("variant", ["phi-3-medium", "phi-4-mini"])  # phi-4-mini: LongRoPE tables in an If's branches
+def test_optimized_graph_is_cached_outside_the_bundle_and_reused(variant, onnx_export, tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path / "home"))
-    d = onnx_export("phi-3-medium", 32)
+    d = onnx_export(variant, 32)
     before = sorted(p.name for p in d.iterdir())
     first = OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
     cached = sorted((tmp_path / "home" / "onnx").glob("*/model.opt.onnx"))
@@ -173,6 +174,7 @@ def test_optimized_graph_is_cached_outside_the_bundle_and_reused(onnx_export, tm
     mtime = cached[0].stat().st_mtime_ns
     again = OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
     assert cached[0].stat().st_mtime_ns == mtime and np.array_equal(first, again)
+    assert "unusable" not in caplog.text  # the saved graph loads as saved, subgraph tensors included
 
 
 def test_unwritable_cache_only_costs_speed(onnx_export, tmp_path, monkeypatch):

@@ -57,6 +57,33 @@ VARIANTS: dict[str, tuple[str, dict, str, str]] = {
                                       pad_token_id=50256), "gpt2", "float32"),
 }
 PHI3_VARIANTS = [v for v, (cls, *_rest) in VARIANTS.items() if cls == "Phi3Config"]
+# Phi-4 family with the real vocabularies (tokenizers from OpenAI's BPE ranks, tests/tiktoken_vocab.py): 100k- and
+# 200k-row embeddings at hidden 64, so they are not in VARIANTS (whose every test runs per variant) but tested where
+# listed (tests/test_phi4.py, tests/test_interop.py).  Rotary widths keep rotary_dim / 2 = 8 and 24.
+REAL_VOCAB_VARIANTS: dict[str, tuple[str, dict, str, str]] = {
+    # Phi-4 (14B): cl100k vocabulary, grouped KV heads, no sliding window, rope_theta 250000
+    "phi-4": ("Phi3Config", dict(vocab_size=100352, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 original_max_position_embeddings=256, rope_theta=250000.0, bos_token_id=100257,
+                                 eos_token_id=100265, pad_token_id=100349), "phi4", "bfloat16"),
+    # Phi-4-reasoning: Phi-4's architecture and vocabulary, the reasoning chat template (a 300-token system prompt)
+    "phi-4-reasoning": ("Phi3Config", dict(vocab_size=100352, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           max_position_embeddings=512, original_max_position_embeddings=512,
+                                           rope_theta=500000.0, bos_token_id=100257, eos_token_id=100265,
+                                           pad_token_id=100349), "phi4-reasoning", "bfloat16"),
+    # Phi-4-mini-reasoning: o200k vocabulary, partial rotary 0.75, tied embeddings, LongRoPE
+    "phi-4-mini-reasoning": ("Phi3Config", dict(vocab_size=200064, hidden_size=64, intermediate_size=128,
+                                                num_hidden_layers=2, num_attention_heads=1, num_key_value_heads=1,
+                                                partial_rotary_factor=0.75, max_position_embeddings=512,
+                                                original_max_position_embeddings=64, rope_scaling=_longrope(24, 3),
+                                                tie_word_embeddings=True, bos_token_id=199999, eos_token_id=199999,
+                                                pad_token_id=199999), "phi4-mini-reasoning", "bfloat16"),
+}
+ALL_VARIANTS = {**VARIANTS, **REAL_VOCAB_VARIANTS}
+# generation_config.json eos ids by tokenizer kind: the chat turn's end and <|endoftext|>
+STOP_IDS = {"phi3": PHI3_STOP_IDS, "phi4": [100257, 100265], "phi4-reasoning": [100257, 100265],
+            "phi4-mini-reasoning": [199999, 200020]}
 
 
 def _randomize_norms_and_biases(model, seed: int) -> None:
@@ -77,7 +104,7 @@ def make_checkpoint(variant: str, out_dir: Path, seed: int = 0, dtype: str | Non
     import torch
     import transformers
 
-    cls_name, kwargs, tok_kind, stored = VARIANTS[variant]
+    cls_name, kwargs, tok_kind, stored = ALL_VARIANTS[variant]
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = getattr(transformers, cls_name)(initializer_range=0.08, **kwargs)
@@ -87,7 +114,7 @@ def make_checkpoint(variant: str, out_dir: Path, seed: int = 0, dtype: str | Non
     _randomize_norms_and_biases(model, seed + 1)
     model = model.to(getattr(torch, dtype or stored))
     model.save_pretrained(out_dir)
-    eos = PHI3_STOP_IDS if tok_kind == "phi3" else [kwargs["eos_token_id"]]
+    eos = STOP_IDS.get(tok_kind, [kwargs["eos_token_id"]])
     gen = {"bos_token_id": kwargs.get("bos_token_id"), "eos_token_id": eos, "pad_token_id": kwargs.get("pad_token_id")}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer:
@@ -95,6 +122,10 @@ def make_checkpoint(variant: str, out_dir: Path, seed: int = 0, dtype: str | Non
 
         if tok_kind == "phi3":
             vocab_build.write_phi3_tokenizer(out_dir)
+        elif tok_kind.startswith("phi4"):
+            import tiktoken_vocab
+
+            tiktoken_vocab.write_tokenizer(out_dir, tok_kind)
         else:
             vocab_build.write_gpt2_tokenizer(out_dir, codegen_whitespace=(tok_kind == "gpt2-codegen"))
     return out_dir

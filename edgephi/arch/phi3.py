@@ -1,5 +1,6 @@
-"""Phi-3 family (Phi-3/3.5-mini 4k and 128k, Phi-3-medium, Phi-4-mini): pre-norm RMSNorm blocks, fused qkv_proj and
-gate_up_proj, SiLU-gated MLP, optional sliding window, LongRoPE, grouped KV heads, partial rotary, tied embeddings.
+"""Phi-3 family (Phi-3/3.5-mini 4k and 128k, Phi-3-medium, Phi-4, Phi-4-reasoning, Phi-4-mini(-reasoning)): pre-norm
+RMSNorm blocks, fused qkv_proj and gate_up_proj, SiLU-gated MLP, optional sliding window, LongRoPE, grouped KV heads,
+partial rotary, tied embeddings.
 
 Reference: transformers' models/phi3/modeling_phi3.py (Phi3DecoderLayer, Phi3MLP).
 """
@@ -52,5 +53,6 @@ def gguf_metadata(spec) -> dict:
 
 
 ARCH = register(Architecture(
-    model_type="phi3", description="Phi-3/3.5-mini, Phi-3-medium, Phi-4-mini", tensors=tensors, forward=forward,
+    model_type="phi3", description="Phi-3/3.5-mini, Phi-3-medium, Phi-4, Phi-4-mini (and -reasoning)",
+    tensors=tensors, forward=forward,
     norm_eps_key="rms_norm_eps", activations=("silu",), gguf_arch="phi3", gguf_metadata=gguf_metadata))

@@ -14,13 +14,20 @@ targets): no graph building and no session driving.  The conventions every forma
 """
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import ClassVar
+
 MASK_VALUE = -30000.0
 DEFAULT_N_CTX = 4096
 # The tokenizer files a bundle carries beside its models (copied from the checkpoint when present).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "added_tokens.json", "chat_template.jinja")
+# Bytes per KV-cache element a session of each format allocates (float32 for ONNX; float16 elsewhere).
+KV_BYTES = {"onnx": 4, "web": 4}
 # Every format a bundle may hold, with the module of its contract (edgephi.formats.<module>).
-FORMATS = {"onnx": "onnx", "gguf": "gguf", "coreml": "coreml", "onnx-npu": "onnx_npu"}
+FORMATS = {"onnx": "onnx", "gguf": "gguf", "coreml": "coreml", "onnx-npu": "onnx_npu", "web": "onnx_web"}
 
 
 def default_n_ctx(context_length: int) -> int:
@@ -36,3 +43,32 @@ def check_n_ctx(n_ctx: int | None, context_length: int, who: str) -> int:
         raise ValueError(f"{who}: n_ctx={n_ctx!r}: must be an integer from 1 to the model's context length "
                          f"{context_length}")
     return n_ctx
+
+
+class FolderConfig:
+    """Base of a format's JSON config (a dataclass) kept in the format's folder: ``save`` writes it, ``load`` reads
+    it and runs ``check``; a missing or corrupt file is an error naming the file.  Subclasses set CONFIG (the file
+    name) and FORMAT."""
+
+    CONFIG: ClassVar[str]
+    FORMAT: ClassVar[str]
+
+    def save(self, folder: str | Path) -> Path:
+        path = Path(folder) / self.CONFIG
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
+        return path
+
+    def check(self) -> None:
+        """Raise KeyError, TypeError or ValueError where a field read back is unusable."""
+
+    @classmethod
+    def load(cls, folder: str | Path):
+        path = Path(folder) / cls.CONFIG
+        try:
+            cfg = cls(**json.loads(path.read_text(encoding="utf-8")))
+            cfg.check()
+            return cfg
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: missing (the {cls.FORMAT} exporter writes it)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: corrupt {cls.FORMAT} config ({e.__class__.__name__}: {e})") from None

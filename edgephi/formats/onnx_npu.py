@@ -17,11 +17,9 @@ causal order, cache validity, the sliding window and chunk padding all live in a
 """
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
-from . import MASK_VALUE
+from . import MASK_VALUE, FolderConfig
 
 FORMAT = "onnx-npu"
 CONFIG = "npu_config.json"
@@ -63,9 +61,12 @@ def get_target(name: str) -> Target:
 
 
 @dataclass
-class NpuConfig:
+class NpuConfig(FolderConfig):
     """npu_config.json.  graphs: {graph: {"file", "seq_len"}}; targets: {target: {"htp_arch", "soc_model",
     "chip", "graphs": {graph: context model path}}}, paths relative to the format's folder."""
+
+    CONFIG = CONFIG
+    FORMAT = FORMAT
 
     graphs: dict
     n_ctx: int  # static cache length of the graphs
@@ -91,22 +92,7 @@ class NpuConfig:
                                               "dtype": "float16"})
     targets: dict = field(default_factory=dict)
 
-    def save(self, folder: Path) -> Path:
-        path = Path(folder) / CONFIG
-        path.write_text(json.dumps(asdict(self), indent=2) + "\n", encoding="utf-8")
-        return path
-
-    @classmethod
-    def load(cls, folder: str | Path) -> "NpuConfig":
-        path = Path(folder) / CONFIG
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-            cfg = cls(**d)
-            for name in GRAPHS:
-                cfg.graphs[name]["file"]
-            int(cfg.n_ctx), int(cfg.chunk), int(cfg.num_hidden_layers)
-            return cfg
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: missing (the {FORMAT} exporter writes it)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{path}: corrupt npu config ({e.__class__.__name__}: {e})") from None
+    def check(self) -> None:
+        for name in GRAPHS:
+            self.graphs[name]["file"]
+        int(self.n_ctx), int(self.chunk), int(self.num_hidden_layers)
