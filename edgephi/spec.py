@@ -4,14 +4,15 @@ Field names follow Hugging Face's config.json.  Variants within a family are fie
 (``model_type``) is one architecture file in edgephi/arch/, which says what its checkpoint holds and how its
 block computes.
 
-Both config dialects parse: the published one (top-level ``rope_theta``, ``rope_scaling``,
-``partial_rotary_factor``) and transformers 5's ``rope_parameters``.
+config.json is parsed by edgephi/hf_config.py (both dialects: the published one and transformers 5's
+``rope_parameters``); ``validate`` type-checks every field and bounds every size (``LIMITS``), so a spec from a
+config.json or a manifest.json is safe to build tables from.
 """
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from operator import attrgetter
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,14 +20,36 @@ from . import arch
 
 # Architectures that share the Phi name but have no architecture file yet: refuse them with a clear message.
 UNSUPPORTED_MODEL_TYPES = {
-    "phi3small": "Phi-3-small (blocksparse attention, GEGLU MLP, muP scaling)",
-    "phimoe": "Phi-3.5-MoE (mixture-of-experts MLP)",
     "phi3_v": "Phi-3-vision (image encoder)",
+    "phi4flash": "Phi-4-mini-flash-reasoning (Mamba layers, differential sliding-window attention, gated memory "
+                 "units)",
     "phi4mm": "Phi-4-multimodal (audio and vision encoders)",
     "phi4_multimodal": "Phi-4-multimodal (audio and vision encoders)",
 }
 # "su" is the name the first Phi-3-128k releases used for LongRoPE.
 LONGROPE_NAMES = ("longrope", "su")
+# Upper bounds on the sizes a config may give: far above every Phi release (largest: vocab 200064, hidden 5120,
+# intermediate 17920, 40 layers, 40 heads, 131072 positions) and low enough that what is built from them before
+# the checkpoint is compared (per-layer tables, rotary tables of max_position_embeddings rows: 2**20 rows of
+# rotary_dim/2 float32 are 256 MiB at rotary_dim 128) cannot exhaust memory or run for minutes.
+LIMITS = {"vocab_size": 2**22, "hidden_size": 2**18, "intermediate_size": 2**18, "num_hidden_layers": 4096,
+          "num_attention_heads": 1024, "num_key_value_heads": 1024, "max_position_embeddings": 2**20,
+          "original_max_position_embeddings": 2**20, "sliding_window": 2**24}
+_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+          "num_key_value_heads", "max_position_embeddings")
+_LONGROPE_KEYS = ("short_factor", "long_factor", "original_max_position_embeddings", "attention_factor",
+                  "long_attention_factor")
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    """A finite int or float (JSON's NaN and Infinity are not numbers here; bools are not either)."""
+    if isinstance(v, float):
+        return math.isfinite(v)
+    return is_int(v) and abs(v) <= 1e308  # a larger int does not convert to a float
 
 
 @dataclass(frozen=True)
@@ -35,13 +58,16 @@ class LongRope:
 
     Each rotary frequency i is divided by ``short_factor[i]`` while the sequence is at most
     ``original_max_position_embeddings`` long and by ``long_factor[i]`` beyond; cos and sin are multiplied by
-    ``attention_factor`` (transformers: ``_compute_longrope_parameters``).
+    ``attention_factor`` (transformers: ``_compute_longrope_parameters``), or, where a release gives a short and a
+    long mscale (Phi-3.5-MoE), by ``attention_factor`` with the short factors and ``long_attention_factor`` with
+    the long ones.
     """
 
     short_factor: tuple[float, ...]
     long_factor: tuple[float, ...]
     original_max_position_embeddings: int
     attention_factor: float
+    long_attention_factor: float | None = None
 
 
 @dataclass(frozen=True)
@@ -66,6 +92,25 @@ class PhiSpec:
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
     torch_dtype: str | None = None
+    # mixture of experts (Phi-3.5-MoE); 0 = a dense MLP
+    num_local_experts: int = 0
+    num_experts_per_tok: int = 0
+    router_jitter_noise: float = 0.0  # sparsemixer's eps: experts within 2 x this (relative) of the best share it
+    attention_bias: bool = False  # q/k/v/o biases where the family makes them optional (Phi-3.5-MoE)
+    lm_head_bias: bool = False
+    # Phi-3-small (phi3small): muP scales, rotary position scale, GEGELU, block-sparse attention, masked ids
+    mup_embedding_multiplier: float = 1.0  # embeddings times this
+    mup_width_multiplier: float = 1.0  # logits divided by this
+    mup_attn_multiplier: float = 1.0
+    mup_use_scaling: bool = False  # softmax scale mup_attn_multiplier / head_dim instead of 1/sqrt(head_dim)
+    rope_position_scale: float = 1.0  # positions times this (without LongRoPE)
+    gegelu_limit: float | None = None
+    blocksparse_block_size: int = 0
+    blocksparse_num_local_blocks: int = 0
+    blocksparse_vert_stride: int = 0
+    blocksparse_homo_head_pattern: bool = False
+    dense_attention_every_n_layers: int = 0  # layer i is dense when (i + 1) % n == 0; 0: none is
+    dummy_token_ids: tuple[int, ...] = ()  # their logits are masked (the tokenizer never produces them)
     name: str | None = field(default=None, compare=False)
 
     # ---- derived values -------------------------------------------------------------------------------------
@@ -108,7 +153,7 @@ class PhiSpec:
         half = self.rotary_dim // 2
         base = [1.0 / (self.rope_theta ** (2 * i / self.rotary_dim)) for i in range(half)]
         if self.rope_scaling is None:
-            return base
+            return [b * self.rope_position_scale for b in base]  # (position * scale) * inv_freq
         factors = self.rope_scaling.long_factor if long else self.rope_scaling.short_factor
         return [b / f for b, f in zip(base, factors)]
 
@@ -129,6 +174,7 @@ class PhiSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["eos_token_id"] = list(self.eos_token_id)
+        d["dummy_token_ids"] = list(self.dummy_token_ids)
         if self.rope_scaling is not None:
             d["rope_scaling"] = {k: (list(v) if isinstance(v, tuple) else v)
                                  for k, v in asdict(self.rope_scaling).items()}
@@ -136,14 +182,34 @@ class PhiSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "PhiSpec":
-        """Inverse of to_dict (the manifest's form, not config.json)."""
+        """Inverse of to_dict (the manifest's form, not config.json); every field checked by validate()."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"spec: expected an object, got {type(d).__name__}")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(repr(k) for k in d if k not in names)
+        if unknown:
+            raise ValueError(f"spec: unknown field(s) {', '.join(unknown)[:200]}; known: {', '.join(sorted(names))}")
+        missing = [f for f in _SIZES + ("model_type",) if f not in d]
+        if missing:
+            raise ValueError(f"spec: missing field(s) {', '.join(missing)}")
         d = dict(d)
         rs = d.get("rope_scaling")
         if rs is not None:
-            d["rope_scaling"] = LongRope(short_factor=tuple(rs["short_factor"]), long_factor=tuple(rs["long_factor"]),
-                                         original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
-                                         attention_factor=float(rs["attention_factor"]))
-        d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
+            if (not isinstance(rs, Mapping) or not set(_LONGROPE_KEYS[:4]) <= set(rs) <= set(_LONGROPE_KEYS)
+                    or not all(isinstance(rs[k], list) for k in _LONGROPE_KEYS[:2])):
+                raise ValueError(f"spec: rope_scaling={rs!r:.80}; expected null or {{short_factor: [...], "
+                                 "long_factor: [...], original_max_position_embeddings, attention_factor}")
+            d["rope_scaling"] = LongRope(tuple(rs["short_factor"]), tuple(rs["long_factor"]),
+                                         rs["original_max_position_embeddings"], rs["attention_factor"],
+                                         rs.get("long_attention_factor"))
+        eos = d.get("eos_token_id")
+        if eos is not None and not isinstance(eos, list):
+            raise ValueError(f"spec: eos_token_id={eos!r:.80}; expected a list of token ids")
+        d["eos_token_id"] = tuple(eos or ())
+        dummy = d.get("dummy_token_ids")
+        if dummy is not None and not isinstance(dummy, list):
+            raise ValueError(f"spec: dummy_token_ids={dummy!r:.80}; expected a list of token ids")
+        d["dummy_token_ids"] = tuple(dummy or ())
         spec = cls(**d)
         spec.validate()
         return spec
@@ -151,187 +217,102 @@ class PhiSpec:
     @classmethod
     def from_hf_config(cls, config: Mapping[str, Any] | str | Path, name: str | None = None) -> "PhiSpec":
         """Build from a config.json (a dict, a file, or a checkpoint directory)."""
-        source = "config"
-        if isinstance(config, (str, Path)):
-            path = Path(config)
-            if path.is_dir():
-                path = path / "config.json"
-            source = str(path)
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: no config.json (a Hugging Face checkpoint directory has one)")
-            try:
-                config = json.loads(path.read_text(encoding="utf-8"))
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
-            name = name or path.parent.name
-        if not isinstance(config, Mapping):
-            raise ValueError(f"{source}: expected a JSON object, got {type(config).__name__}")
-        return _parse(dict(config), source, name)
+        from .hf_config import parse_config
+
+        return parse_config(config, name)
 
     # ---- validation -------------------------------------------------------------------------------------------
     def validate(self) -> None:
-        def bad(field_name: str, why: str) -> ValueError:
-            return ValueError(f"PhiSpec{'(' + self.name + ')' if self.name else ''}: {field_name}={getattr(self, field_name)!r}: {why}")
+        """Every field's type and range; sizes within LIMITS; the family's own rules (ValueError naming the field)."""
+        def bad(field_name: str, why: str) -> ValueError:  # field_name may be dotted: rope_scaling.long_factor
+            return ValueError(f"PhiSpec{f'({self.name!r:.60})' if self.name else ''}: "
+                              f"{field_name}={attrgetter(field_name)(self)!r:.80}: {why}")
 
-        if self.model_type not in arch.model_types():
+        if not isinstance(self.model_type, str) or self.model_type not in arch.model_types():
             raise bad("model_type", f"supported: {', '.join(arch.model_types())}")
         family = arch.get(self.model_type)
-        for f in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "max_position_embeddings"):
+        for f in _SIZES:
             v = getattr(self, f)
-            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise bad(f, "must be a positive integer")
+            if not is_int(v) or not 0 < v <= LIMITS[f]:
+                raise bad(f, f"must be an integer in 1..{LIMITS[f]}")
+        for f in ("sliding_window", "original_max_position_embeddings"):
+            v = getattr(self, f)
+            if v is not None and (not is_int(v) or not 0 < v <= LIMITS[f]):
+                raise bad(f, f"must be null or an integer in 1..{LIMITS[f]}")
         if self.hidden_size % self.num_attention_heads:
             raise bad("hidden_size", f"must be a multiple of num_attention_heads={self.num_attention_heads}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise bad("num_key_value_heads", f"must divide num_attention_heads={self.num_attention_heads}")
-        if not 0.0 < self.partial_rotary_factor <= 1.0:
+        for f in ("rope_theta", "partial_rotary_factor", "norm_eps"):
+            if not is_number(getattr(self, f)) or not getattr(self, f) > 0:
+                raise bad(f, "must be a finite number > 0")
+        if not self.partial_rotary_factor <= 1.0:
             raise bad("partial_rotary_factor", "must be in (0, 1]")
         if self.rotary_dim % 2 or self.rotary_dim == 0:
             raise bad("partial_rotary_factor", f"gives rotary_dim={self.rotary_dim}; it must be even and > 0")
-        if self.hidden_act not in family.activations:
+        if not isinstance(self.hidden_act, str) or self.hidden_act not in family.activations:
             raise bad("hidden_act", f"{self.model_type} supports {', '.join(family.activations)}")
-        if not self.rope_theta > 0:
-            raise bad("rope_theta", "must be > 0")
-        if not self.norm_eps > 0:
-            raise bad("norm_eps", "must be > 0")
-        if self.sliding_window is not None and (not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
-            raise bad("sliding_window", "must be a positive integer or null")
+        for f in ("tie_word_embeddings", "attention_bias", "lm_head_bias", "mup_use_scaling",
+                  "blocksparse_homo_head_pattern"):
+            if not isinstance(getattr(self, f), bool):
+                raise bad(f, "must be true or false")
+        for f in ("num_local_experts", "num_experts_per_tok"):
+            if not is_int(getattr(self, f)) or not 0 <= getattr(self, f) <= 1024:
+                raise bad(f, "must be an integer in 0..1024")
+        if not is_number(self.router_jitter_noise) or not 0 <= self.router_jitter_noise < 1:
+            raise bad("router_jitter_noise", "must be a finite number in [0, 1)")
+        self._validate_token_ids(bad)
+        self._validate_phi3small(bad)
+        for f in ("torch_dtype", "name"):
+            if getattr(self, f) is not None and not isinstance(getattr(self, f), str):
+                raise bad(f, "must be a string or null")
         problem = family.check(self)
         if problem is not None:
             raise bad(*problem)
+        self._validate_longrope(bad)
+
+    def _validate_token_ids(self, bad) -> None:
+        ok = lambda i: is_int(i) and 0 <= i < self.vocab_size  # noqa: E731
+        for f in ("bos_token_id", "pad_token_id"):
+            if getattr(self, f) is not None and not ok(getattr(self, f)):
+                raise bad(f, f"must be null or a token id in 0..{self.vocab_size - 1} (vocab_size)")
+        if not isinstance(self.eos_token_id, tuple) or not all(ok(i) for i in self.eos_token_id):
+            raise bad("eos_token_id", f"must be token ids in 0..{self.vocab_size - 1} (vocab_size)")
+
+    def _validate_phi3small(self, bad) -> None:
+        for f in ("mup_embedding_multiplier", "mup_width_multiplier", "mup_attn_multiplier", "rope_position_scale"):
+            if not is_number(getattr(self, f)) or not getattr(self, f) > 0:
+                raise bad(f, "must be a finite number > 0")
+        if self.gegelu_limit is not None and not (is_number(self.gegelu_limit) and self.gegelu_limit > 0):
+            raise bad("gegelu_limit", "must be null or a finite number > 0")
+        for f in ("blocksparse_block_size", "blocksparse_num_local_blocks", "blocksparse_vert_stride",
+                  "dense_attention_every_n_layers"):
+            if not is_int(getattr(self, f)) or not 0 <= getattr(self, f) <= LIMITS["max_position_embeddings"]:
+                raise bad(f, f"must be an integer in 0..{LIMITS['max_position_embeddings']}")
+        ids = self.dummy_token_ids
+        if not isinstance(ids, tuple) or not all(is_int(i) and 0 <= i < self.vocab_size for i in ids):
+            raise bad("dummy_token_ids", f"must be token ids in 0..{self.vocab_size - 1} (vocab_size)")
+
+    def _validate_longrope(self, bad) -> None:
         rs = self.rope_scaling
-        if rs is not None:
-            half = self.rotary_dim // 2
-            for fname in ("short_factor", "long_factor"):
-                fac = getattr(rs, fname)
-                if len(fac) != half:
-                    raise bad("rope_scaling", f"{fname} has {len(fac)} entries; rotary_dim/2 = {half} needed")
-                if any(not (isinstance(x, (int, float)) and x > 0) for x in fac):
-                    raise bad("rope_scaling", f"{fname} entries must be positive numbers")
-            if rs.original_max_position_embeddings <= 0:
-                raise bad("rope_scaling", "original_max_position_embeddings must be > 0")
-
-
-# ---- config.json parsing -----------------------------------------------------------------------------------------
-def _require(cfg: dict, key: str, source: str, kind: type = int):
-    if key not in cfg or cfg[key] is None:
-        raise ValueError(f"{source}: missing required field {key!r}")
-    v = cfg[key]
-    if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
-        raise ValueError(f"{source}: field {key!r} must be an integer, got {v!r}")
-    if kind is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-        raise ValueError(f"{source}: field {key!r} must be a number, got {v!r}")
-    return kind(v)
-
-
-def _rope_params(cfg: dict) -> dict:
-    """Merge both dialects: transformers 5 keeps rope settings in rope_parameters, releases at the top level."""
-    merged: dict[str, Any] = {}
-    rs = cfg.get("rope_scaling")
-    if isinstance(rs, dict):
-        merged.update(rs)
-    rp = cfg.get("rope_parameters")
-    if isinstance(rp, dict):
-        # transformers 5 may nest per-attention-type parameters; Phi has one kind of attention
-        if "full_attention" in rp and isinstance(rp["full_attention"], dict):
-            rp = rp["full_attention"]
-        merged.update(rp)
-    for key in ("rope_theta", "partial_rotary_factor", "original_max_position_embeddings"):
-        if key not in merged and cfg.get(key) is not None:
-            merged[key] = cfg[key]
-    return merged
-
-
-def _parse(cfg: dict, source: str, name: str | None) -> PhiSpec:
-    mt = cfg.get("model_type")
-    if mt in UNSUPPORTED_MODEL_TYPES:
-        raise NotImplementedError(
-            f"{source}: model_type {mt!r} ({UNSUPPORTED_MODEL_TYPES[mt]}) is not supported; edgephi supports "
-            f"{arch.supported()}")
-    if mt not in arch.model_types():
-        raise ValueError(f"{source}: field 'model_type' is {mt!r}; supported: {', '.join(arch.model_types())} "
-                         f"(known but unsupported: {', '.join(UNSUPPORTED_MODEL_TYPES)})")
-    family = arch.get(mt)
-    if cfg.get("qk_layernorm"):
-        raise NotImplementedError(f"{source}: qk_layernorm=true is not used by any Phi release and is not supported")
-
-    rope = _rope_params(cfg)
-    heads = _require(cfg, "num_attention_heads", source)
-    kv_heads = cfg.get("num_key_value_heads")
-    if kv_heads is None:
-        kv_heads = heads
-    elif isinstance(kv_heads, bool) or not isinstance(kv_heads, int):
-        raise ValueError(f"{source}: field 'num_key_value_heads' must be an integer, got {kv_heads!r}")
-    max_pos = _require(cfg, "max_position_embeddings", source)
-    eps_key = family.norm_eps_key
-    eps = float(_require(cfg, eps_key, source, float)) if cfg.get(eps_key) is not None else 1e-5
-    orig = rope.get("original_max_position_embeddings")
-    if orig is not None and (isinstance(orig, bool) or not isinstance(orig, int)):
-        raise ValueError(f"{source}: field 'original_max_position_embeddings' must be an integer, got {orig!r}")
-
-    rope_type = rope.get("rope_type", rope.get("type"))
-    longrope = None
-    if rope_type in LONGROPE_NAMES:
-        longrope = _parse_longrope(rope, cfg, max_pos, orig, source)
-        orig = longrope.original_max_position_embeddings
-    elif rope_type not in (None, "default"):
-        raise NotImplementedError(f"{source}: rope type {rope_type!r} is not supported for Phi; "
-                                  f"supported: default, longrope (alias su)")
-
-    eos = cfg.get("eos_token_id")
-    eos_ids = tuple(eos) if isinstance(eos, (list, tuple)) else (() if eos is None else (eos,))
-    sw = cfg.get("sliding_window")
-    theta = rope.get("rope_theta", 10000.0)
-    prf = rope.get("partial_rotary_factor", 1.0)
-    for key, v in (("rope_theta", theta), ("partial_rotary_factor", prf)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise ValueError(f"{source}: field {key!r} must be a number, got {v!r}")
-    spec = PhiSpec(
-        model_type=mt,
-        vocab_size=_require(cfg, "vocab_size", source),
-        hidden_size=_require(cfg, "hidden_size", source),
-        intermediate_size=_require(cfg, "intermediate_size", source),
-        num_hidden_layers=_require(cfg, "num_hidden_layers", source),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=max_pos,
-        rope_theta=float(theta),
-        partial_rotary_factor=float(prf),
-        norm_eps=eps,
-        hidden_act=cfg.get("hidden_act", family.activations[0]),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        sliding_window=sw,
-        original_max_position_embeddings=orig,
-        rope_scaling=longrope,
-        bos_token_id=cfg.get("bos_token_id"),
-        eos_token_id=eos_ids,
-        pad_token_id=cfg.get("pad_token_id"),
-        torch_dtype=cfg.get("torch_dtype", cfg.get("dtype")),
-        name=name,
-    )
-    try:
-        spec.validate()
-    except ValueError as e:
-        raise ValueError(f"{source}: {e}") from None
-    return spec
-
-
-def _parse_longrope(rope: dict, cfg: dict, max_pos: int, orig: int | None, source: str) -> LongRope:
-    for key in ("short_factor", "long_factor"):
-        v = rope.get(key)
-        if not isinstance(v, (list, tuple)) or not v:
-            raise ValueError(f"{source}: field 'rope_scaling.{key}' must be a non-empty list for LongRoPE")
-    if orig is None:
-        raise ValueError(f"{source}: LongRoPE needs 'original_max_position_embeddings'")
-    attn = rope.get("attention_factor")
-    if attn is None:
-        # transformers' _compute_longrope_parameters: sqrt(1 + ln(s) / ln(L_orig)) with s = L / L_orig
-        # (the "su" releases carried the same value implicitly).
-        factor = rope.get("factor") or max_pos / orig
-        attn = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-    if isinstance(attn, bool) or not isinstance(attn, (int, float)) or attn <= 0:
-        raise ValueError(f"{source}: field 'rope_scaling.attention_factor' must be a positive number, got {attn!r}")
-    return LongRope(short_factor=tuple(float(x) for x in rope["short_factor"]),
-                    long_factor=tuple(float(x) for x in rope["long_factor"]),
-                    original_max_position_embeddings=int(orig), attention_factor=float(attn))
+        if rs is None:
+            return
+        if not isinstance(rs, LongRope):
+            raise bad("rope_scaling", "must be null or LongRoPE parameters")
+        half = self.rotary_dim // 2
+        for fname in ("short_factor", "long_factor"):
+            fac = getattr(rs, fname)
+            if not isinstance(fac, tuple):
+                raise bad(f"rope_scaling.{fname}", "must be a list of numbers")
+            if len(fac) != half:
+                raise bad(f"rope_scaling.{fname}", f"has {len(fac)} entries; rotary_dim/2 = {half} needed")
+            if not all(is_number(x) and x > 0 for x in fac):
+                raise bad(f"rope_scaling.{fname}", "entries must be finite positive numbers")
+        limit = LIMITS["original_max_position_embeddings"]
+        if not is_int(rs.original_max_position_embeddings) or not 2 <= rs.original_max_position_embeddings <= limit:
+            raise bad("rope_scaling.original_max_position_embeddings", f"must be an integer in 2..{limit}")
+        if not is_number(rs.attention_factor) or not rs.attention_factor > 0:
+            raise bad("rope_scaling.attention_factor", "must be a finite number > 0")
+        if rs.long_attention_factor is not None and not (is_number(rs.long_attention_factor)
+                                                         and rs.long_attention_factor > 0):
+            raise bad("rope_scaling.long_attention_factor", "must be null or a finite number > 0")

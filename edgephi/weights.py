@@ -3,97 +3,27 @@
 Only safetensors are read (pickle checkpoints are refused, never unpickled).  Each tensor is read with one
 positioned read of exactly its bytes, so the reader's resident memory is one tensor: a memory map would keep
 every page it touched counted in the process's RSS until unmapped, which defeats "peak memory ≈ one tensor".
-
-Format (https://github.com/huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
-{name: {dtype, shape, data_offsets: [begin, end]}, "__metadata__": {...}}, then the data; offsets are relative
-to the end of the header.
+Headers are parsed and checked by edgephi/safetensors_header.py; every value read is checked to be finite.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import struct
-from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
 
+from .safetensors_header import (  # noqa: F401  (re-exported: the checkpoint's public names)
+    _DTYPES, MAX_HEADER_BYTES, CheckpointError, TensorInfo, bf16_to_f32, check_finite, read_header,
+    regular_file_size)
+
 INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-# safetensors dtype -> (numpy dtype used to read the bytes, bytes per element)
-_DTYPES: dict[str, tuple[np.dtype, int]] = {
-    "F32": (np.dtype("<f4"), 4),
-    "F16": (np.dtype("<f2"), 2),
-    "BF16": (np.dtype("<u2"), 2),  # read as raw bits, widened to float32 below
-    "F64": (np.dtype("<f8"), 8),
-}
-MAX_HEADER_BYTES = 100 * 1024 * 1024
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, corrupt, or does not match its config.json."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str  # safetensors dtype: F32, F16, BF16, F64
-    shape: tuple[int, ...]
-    file: Path
-    offset: int  # absolute byte offset in file
-    nbytes: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bfloat16 is the top half of a float32: widen exactly by shifting the 16 bits up."""
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and check one .safetensors header against the file's size."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(f"{path}: corrupt or truncated safetensors header "
-                                      f"(header says {n} bytes, file has {size})")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: safetensors file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    data_start = 8 + n
-    out: dict[str, TensorInfo] = {}
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: corrupt entry for tensor {name!r} in the header") from None
-        if dtype not in _DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {dtype}; supported: {', '.join(_DTYPES)}")
-        nbytes = math.prod(shape) * _DTYPES[dtype][1]
-        if end - begin != nbytes or begin < 0:
-            raise CheckpointError(f"{path}: tensor {name!r}: offsets [{begin}, {end}] do not match "
-                                  f"shape {list(shape)} of {dtype}")
-        if data_start + end > size:
-            raise CheckpointError(f"{path}: truncated: tensor {name!r} ends at byte {data_start + end}, "
-                                  f"the file has {size}")
-        out[name] = TensorInfo(name, dtype, shape, path, data_start + begin, nbytes)
-    return out
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 def _refuse_pickles(directory: Path) -> None:
@@ -132,20 +62,36 @@ class Checkpoint:
                 self._add(read_header(f))
 
     def _read_index(self, index: Path) -> None:
+        regular_file_size(index, "shard index")
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            doc = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting too deep
             raise CheckpointError(f"{index}: corrupt shard index ({e.__class__.__name__}: {e})") from None
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
-            path = self.directory / shard
-            if not path.is_file():
-                raise FileNotFoundError(f"{path}: shard listed in {index.name} is missing")
-            self._add(read_header(path))
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map={weight_map!r:.80}; it must be an object "
+                                  "{tensor name: shard file name}")
+        for shard in sorted(set(weight_map.values())):
+            self._add(read_header(self._shard_path(index, shard)))
         for name, shard in weight_map.items():
-            if name not in self.tensors or self.tensors[name].file.name != shard:
+            if name not in self.tensors or self.tensors[name].file != self.directory / shard:
                 raise CheckpointError(f"{self.directory / shard}: tensor {name!r} is listed in {index.name} "
                                       f"but not stored in that shard")
+
+    def _shard_path(self, index: Path, shard: str) -> Path:
+        """A shard named by the index: a relative path inside the checkpoint directory, never outside it."""
+        rel = PurePosixPath(shard)
+        if not shard.isprintable() or "\\" in shard or rel.is_absolute() or ".." in rel.parts or not rel.name:
+            raise CheckpointError(f"{index}: weight_map names shard {shard!r:.80}; shards must be files inside "
+                                  f"{self.directory} (a relative path without '..')")
+        path = self.directory / shard
+        try:
+            os.stat(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: shard listed in {index.name} is missing") from None
+        except OSError as e:  # a name too long, a loop of links
+            raise CheckpointError(f"{index}: shard {shard!r:.80}: {e.strerror}") from None
+        return path
 
     def _add(self, infos: Mapping[str, TensorInfo]) -> None:
         for name, info in infos.items():
@@ -197,7 +143,9 @@ class Checkpoint:
                 n = min(left, len(buf))
                 if f.readinto(view[:n]) != n:
                     raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
-                yield np.frombuffer(buf, dtype=np_dtype, count=n // itemsize)
+                block = np.frombuffer(buf, dtype=np_dtype, count=n // itemsize)
+                check_finite(block, info)
+                yield block
                 left -= n
         self._note(name)
 
@@ -225,6 +173,7 @@ class Checkpoint:
         if len(buf) != nbytes:
             raise CheckpointError(f"{info.file}: truncated while reading tensor {info.name!r}")
         arr = np.frombuffer(buf, dtype=np_dtype).reshape(shape)
+        check_finite(arr, info)
         if info.dtype == "BF16":
             arr = bf16_to_f32(arr)
         if dtype is not None and arr.dtype != np.dtype(dtype):
@@ -234,7 +183,8 @@ class Checkpoint:
         return arr
 
     def check(self, spec) -> None:
-        """Every tensor the spec needs is present with the shape config.json implies."""
+        """Every tensor the spec needs is present with the shape config.json implies (layers counted first)."""
+        self._check_layers(spec)
         expected = spec.tensor_shapes()
         self._expected = frozenset(expected)
         for name, shape in expected.items():
@@ -245,6 +195,25 @@ class Checkpoint:
             if info.shape != shape:
                 raise CheckpointError(f"{info.file}: tensor {name!r} has shape {list(info.shape)}, "
                                       f"config.json implies {list(shape)}")
+
+    def _check_layers(self, spec) -> None:
+        """config.json's num_hidden_layers against the layers the files hold (model.layers.N.*), before any
+        per-layer table is built from that number: no layer is dropped, none is invented."""
+        layers: dict[int, str] = {}
+        for name in self.tensors:
+            m = _LAYER.match(name)
+            if m:
+                layers.setdefault(int(m.group(1)), name)
+        n = spec.num_hidden_layers
+        extra = sorted(i for i in layers if i >= n)
+        if extra:
+            raise CheckpointError(f"{self.directory}: config.json says num_hidden_layers={n}, but the checkpoint "
+                                  f"has tensors of layer {extra[0]} ({layers[extra[0]]!r}); "
+                                  f"{max(layers) + 1} layers are stored")
+        if len(layers) != n:
+            missing = next(i for i in range(n) if i not in layers)
+            raise CheckpointError(f"{self.directory}: config.json says num_hidden_layers={n}, the checkpoint "
+                                  f"holds {len(layers)} layers (no tensor model.layers.{missing}.*)")
 
     @property
     def dtypes(self) -> set[str]:

@@ -51,14 +51,14 @@ def test_two_turns_second_evaluates_only_its_new_tokens(bundle):
     tok = Tokenizer.from_dir(bundle[0])
     child = _spawn(bundle, "--max-tokens", "12")
     n1, p1, finish1 = _turn(child, "Hello there, who are you?")
-    first_prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Hello there, who are you?"}]),
-                              add_special_tokens=tok.add_bos_token)
+    first_prompt = tok.apply_chat_template([{"role": "user", "content": "Hello there, who are you?"}],
+                                           add_generation_prompt=True)
     assert p1 == len(first_prompt)
     n2, p2, _ = _turn(child, "Tell me more.")
     # the second turn's new tokens: the text the template puts after the first answer
     msgs = [{"role": "user", "content": "Hello there, who are you?"}, {"role": "assistant", "content": "ANSWER"},
             {"role": "user", "content": "Tell me more."}]
-    text = tok.apply_chat_template(msgs)
+    text = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
     suffix = text[text.index("ANSWER") + len("ANSWER"):]
     unfed = 1 if finish1 == "length" else 0  # the last sampled token of a cut-off answer was never evaluated
     assert p2 == len(tok.encode(suffix)) + unfed

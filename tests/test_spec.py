@@ -126,7 +126,7 @@ def test_bad_configs_name_the_field(change, field):
         PhiSpec.from_hf_config(cfg)
 
 
-@pytest.mark.parametrize("model_type, words", [("phi3small", "Phi-3-small"), ("phimoe", "MoE")])
+@pytest.mark.parametrize("model_type, words", [("phi4flash", "Mamba"), ("phi3_v", "image encoder")])
 def test_unsupported_architectures_are_refused(model_type, words):
     with pytest.raises(NotImplementedError, match=words) as e:
         PhiSpec.from_hf_config({**BASE, "model_type": model_type})
@@ -154,6 +154,8 @@ PUBLISHED = {
     "Phi-3.5-mini-instruct.json": ("phi3", 96, 96, 1, None, math.sqrt(1 + math.log(32) / math.log(4096)), False, 3.821),
     "Phi-3-medium-4k-instruct.json": ("phi3", 128, 128, 4, 2047, 1.0, False, 13.960),
     "Phi-4-mini-instruct.json": ("phi3", 128, 96, 3, None, math.sqrt(1 + math.log(32) / math.log(4096)), True, 3.836),
+    "phi-4.json": ("phi3", 128, 128, 4, None, 1.0, False, 14.660),
+    "Phi-3-small-8k-instruct.json": ("phi3small", 128, 128, 4, None, 1.0, True, 7.392),
 }
 
 
@@ -170,6 +172,9 @@ def test_published_configs(name):
         assert len(spec.rope_scaling.long_factor) == spec.rotary_dim // 2
 
 
-def test_published_phi3small_is_refused():
-    with pytest.raises(NotImplementedError, match="phi3small"):
-        PhiSpec.from_hf_config(CONFIGS / "Phi-3-small-8k-instruct.json")
+def test_published_phi3small_parses():
+    """Phi-3-small's own keys (tests/test_phi3small.py checks the model): its intermediate size, rope base and
+    norm epsilon under their names, tied embeddings by default, query_key_value always biased."""
+    spec = PhiSpec.from_hf_config(CONFIGS / "Phi-3-small-8k-instruct.json")
+    assert (spec.intermediate_size, spec.rope_theta, spec.norm_eps, spec.hidden_act) == (14336, 1e6, 1e-5, "gegelu")
+    assert spec.attention_bias and spec.dense_attention_every_n_layers == 2 and len(spec.dummy_token_ids) == 91
