@@ -11,25 +11,17 @@ from __future__ import annotations
 import json
 import logging
 import re
-from functools import lru_cache
 from pathlib import Path
+
+from .chat_template import PHI3_CHAT_TEMPLATE, render
+from .reasoning import CLOSE as _THINK_CLOSE, OPEN as _THINK_OPEN
 
 log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 BACKENDS = ("tokenizers", "sentencepiece")
-ROLES = ("system", "user", "assistant")
 # Tokens that end a turn in Phi-3 chat releases (eos differs between releases: 32000, 32007; some emit 32001).
 CHAT_STOP_TOKENS = ("<|endoftext|>", "<|end|>", "<|assistant|>")
-# Phi-3-mini-4k-instruct's published template; used when a checkpoint ships none.
-PHI3_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}"
-    "{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
-)
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _SPM_SPACE = "\u2581"
 
@@ -113,7 +105,8 @@ class _SPBackend:
 
     name = "sentencepiece"
 
-    def __init__(self, path: Path, added: dict[int, tuple[str, bool]]):
+    def __init__(self, path: Path, added: dict[int, tuple[str, bool]],
+                 strip: dict[str, tuple[bool, bool]] | None = None):
         import sentencepiece as spm
 
         try:
@@ -126,17 +119,24 @@ class _SPBackend:
         self.special = frozenset({i for i, (_, s) in added.items() if s}
                                  | {i for i in range(n) if self.sp.is_control(i) or self.sp.is_unknown(i)})
         self.vocab_size = max([n] + [i + 1 for i in self.added])
+        self.strip = strip or {}  # content -> (lstrip, rstrip): whitespace an added token swallows on each side
         alts = sorted(self.added_ids, key=lambda c: (-len(c), c))
         self.split_re = re.compile("(" + "|".join(map(re.escape, alts)) + ")") if alts else None
 
     def encode(self, text: str) -> list[int]:
         if self.split_re is None:
             return self.sp.encode(text)
+        parts = self.split_re.split(text)  # text, token, text, token, ..., text
         ids: list[int] = []
-        for k, seg in enumerate(self.split_re.split(text)):
+        for k, seg in enumerate(parts):
             if k % 2:
                 ids.append(self.added_ids[seg])
-            elif seg:
+                continue
+            if k > 0 and self.strip.get(parts[k - 1], (False, False))[1]:
+                seg = seg.lstrip()  # the token before takes the whitespace after it (rstrip)
+            if k + 1 < len(parts) and self.strip.get(parts[k + 1], (False, False))[0]:
+                seg = seg.rstrip()  # the token after takes the whitespace before it (lstrip)
+            if seg:
                 ids.extend(self.sp.encode(seg))
         return ids
 
@@ -195,6 +195,9 @@ class Tokenizer:
         self.add_bos_token = bool(add_bos) and self.bos_id is not None
         self.add_eos_token = bool(config.get("add_eos_token")) and self.eos_id is not None
         self.chat_template = _find_template(config, path)
+        # <think> / </think> as special tokens: decoded even where special tokens are skipped (edgephi/reasoning.py)
+        self.reasoning_ids: frozenset[int] = frozenset(
+            i for i in map(self.token_to_id, (_THINK_OPEN, _THINK_CLOSE)) if i is not None and i in self.special_ids)
 
     # ---------------------------------------------------------------------------------------------- loading
     @classmethod
@@ -217,7 +220,7 @@ class Tokenizer:
         if found[0] == "tokenizer.json":
             backend = _HFBackend(path / "tokenizer.json")
         else:
-            backend = _SPBackend(path / "tokenizer.model", _added_tokens(config, path))
+            backend = _SPBackend(path / "tokenizer.model", _added_tokens(config, path), _strip_flags(config))
         log.debug("tokenizer %s: %s backend, vocab %d", path, backend.name, backend.vocab_size)
         return cls(backend, config, gen, path)
 
@@ -230,6 +233,10 @@ class Tokenizer:
         ``add_special_tokens`` BOS (EOS) is added when tokenizer_config.json says add_bos_token (add_eos_token)."""
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate: bytes that were not UTF-8, decoded with surrogateescape
+            raise ValueError(f"text is not valid UTF-8 (U+{ord(text[e.start]):04X} at character {e.start})") from None
         ids = list(self._b.encode(text))
         if add_special_tokens:
             ids = [self.bos_id] * self.add_bos_token + ids + [self.eos_id] * self.add_eos_token
@@ -253,12 +260,29 @@ class Tokenizer:
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------------ chat
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """Render the checkpoint's chat template (or Phi-3's when it has none) in a sandboxed Jinja env."""
-        _check_messages(messages)
-        template = _compile_template(self.chat_template or PHI3_CHAT_TEMPLATE)
-        return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+    @property
+    def effective_chat_template(self) -> str:
+        """The checkpoint's chat template, or Phi-3's published one when it ships none (bundles carry it)."""
+        return self.chat_template or PHI3_CHAT_TEMPLATE
+
+    def apply_chat_template(self, conversation: list[dict], tools: list[dict] | None = None,
+                            add_generation_prompt: bool = False, continue_final_message: bool = False,
+                            tokenize: bool = True, **kwargs) -> str | list[int]:
+        """transformers' ``apply_chat_template``: the conversation rendered with the chat template, as token ids
+        (``tokenize=True``) or text.  Token ids are the text encoded without adding special tokens: the template
+        writes the BOS itself when the model wants one (``{{ bos_token }}``), exactly as transformers does.
+        ``continue_final_message`` cuts the text after the last message's content (to let the model continue it)."""
+        if add_generation_prompt and continue_final_message:
+            raise ValueError("continue_final_message and add_generation_prompt are mutually exclusive")
+        text = render(self.effective_chat_template, conversation, where=f"{self.path}: chat template",
+                      tools=tools, add_generation_prompt=add_generation_prompt,
+                      bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs)
+        if continue_final_message:
+            final = conversation[-1]["content"].strip() if conversation else ""
+            if not final or final not in text:
+                raise ValueError("continue_final_message: the final message does not appear in the rendered chat")
+            text = text[: text.rindex(final) + len(final)]
+        return self.encode(text, add_special_tokens=False) if tokenize else text
 
     def __repr__(self) -> str:
         return f"Tokenizer({str(self.path)!r}, backend={self.backend!r}, vocab_size={self.vocab_size})"
@@ -269,15 +293,31 @@ def _added_tokens(config: dict, path: Path) -> dict[int, tuple[str, bool]]:
     added: dict[int, tuple[str, bool]] = {}
     extra = path / "added_tokens.json"
     if extra.is_file():
-        for content, i in _read_json(extra).items():
-            added[int(i)] = (content, True)
-    for key, entry in (config.get("added_tokens_decoder") or {}).items():
+        tokens = _read_json(extra)
+        if not isinstance(tokens, dict) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                                                   for i in tokens.values()):
+            raise ValueError(f"{extra}: expected {{token: id}} with non-negative integer ids, got {tokens!r:.80}")
+        for content, i in tokens.items():
+            added[i] = (content, True)
+    decoder = config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise ValueError(f"{path}/tokenizer_config.json: added_tokens_decoder is a {type(decoder).__name__}; "
+                         "expected an object {id: {'content': str, 'special': bool, ...}}")
+    for key, entry in decoder.items():
         content = _token_str(entry)
-        if content is None or not str(key).isdigit():
-            raise ValueError(f"{path}/tokenizer_config.json: added_tokens_decoder[{key!r}] is not "
+        if content is None or not isinstance(entry, dict) or not (key.isascii() and key.isdigit()):
+            raise ValueError(f"{path}/tokenizer_config.json: added_tokens_decoder[{key!r:.40}] is not "
                              f"{{id: {{'content': str, ...}}}}")
         added[int(key)] = (content, bool(entry.get("special", True)))
     return added
+
+
+def _strip_flags(config: dict) -> dict[str, tuple[bool, bool]]:
+    """content -> (lstrip, rstrip) of the added tokens that swallow whitespace (tokenizer_config.json)."""
+    decoder = config.get("added_tokens_decoder")
+    entries = decoder.values() if isinstance(decoder, dict) else []
+    return {e["content"]: (bool(e.get("lstrip")), bool(e.get("rstrip"))) for e in entries
+            if isinstance(e, dict) and isinstance(e.get("content"), str) and (e.get("lstrip") or e.get("rstrip"))}
 
 
 def _find_template(config: dict, path: Path) -> str | None:
@@ -290,36 +330,6 @@ def _find_template(config: dict, path: Path) -> str | None:
     if tpl is not None and not isinstance(tpl, str):
         raise ValueError(f"{path}/tokenizer_config.json: chat_template must be a string, got {type(tpl).__name__}")
     return tpl
-
-
-def _check_messages(messages) -> None:
-    if not isinstance(messages, (list, tuple)):
-        raise ValueError(f"messages must be a list of {{'role', 'content'}} dicts, got {type(messages).__name__}")
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise ValueError(f"messages[{k}]: needs 'role' and 'content' keys, got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise ValueError(f"messages[{k}]: unknown role {m['role']!r}; allowed: {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise ValueError(f"messages[{k}]: content must be a str, got {type(m['content']).__name__}")
-
-
-def _raise_exception(message):
-    raise ValueError(f"chat template: {message}")
-
-
-@lru_cache(maxsize=8)
-def _compile_template(source: str):
-    from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None: json.dumps(x, ensure_ascii=False, indent=indent)
-    env.globals["raise_exception"] = _raise_exception
-    try:
-        return env.from_string(source)
-    except TemplateError as e:
-        raise ValueError(f"chat_template does not compile: {e}") from e
 
 
 class StreamingDetokenizer:
@@ -335,6 +345,7 @@ class StreamingDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
         self._tok = tokenizer
         self._skip = skip_special_tokens
+        self._keep = getattr(tokenizer, "reasoning_ids", frozenset()) if skip_special_tokens else frozenset()
         self.reset()
 
     def reset(self) -> None:
@@ -351,7 +362,7 @@ class StreamingDetokenizer:
 
     def add(self, token_id: int) -> str:
         token_id = int(token_id)
-        if self._skip and token_id in self._tok.special_ids:
+        if self._skip and token_id in self._tok.special_ids and token_id not in self._keep:
             return ""  # skipped tokens vanish from decode(skip_special_tokens=True) before its decoder runs
         self.ids.append(token_id)
         if self._tok.is_byte_token(token_id):
@@ -382,4 +393,5 @@ class StreamingDetokenizer:
         return out
 
     def _decode(self, ids) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
+        # skipped ids never enter self.ids, so the kept special tokens decode with skipping off
+        return self._tok.decode(ids, skip_special_tokens=self._skip and not self._keep)

@@ -23,7 +23,7 @@ from edgephi import arch
 from edgephi.formats import gguf as fmt
 from edgephi.weights import bf16_to_f32, f32_to_bf16_bits
 
-from .registry import FormatResult, register, relpath
+from .registry import FormatResult, quiet_libraries, register, relpath
 from .source import Source
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class PlannedTensor:
     name: str  # GGUF name
     shape: tuple[int, ...]  # numpy order (rows, cols); GGUF stores it reversed
     out_type: str  # "F32", "F16", "BF16"
-    source: str | None = None  # a checkpoint tensor, read from the stream...
+    sources: tuple[str, ...] = ()  # checkpoint tensors read from the stream (several: stacked, one after another)
     array: np.ndarray | None = None  # ...or a small computed tensor (rope factors)
 
     @property
@@ -73,9 +73,16 @@ def plan_tensors(src: Source, float_type: str) -> list[PlannedTensor]:
         for name, fac in (("rope_factors_long.weight", rs.long_factor), ("rope_factors_short.weight", rs.short_factor)):
             arr = np.asarray(fac, dtype=np.float32)
             plan.append(PlannedTensor(name, arr.shape, "F32", array=arr))
-    for hf_name, shape in spec.tensor_shapes().items():
-        plan.append(PlannedTensor(gguf_name(hf_name, spec), tuple(shape), out_type if len(shape) >= 2 else "F32",
-                                  source=hf_name))
+    shapes = spec.tensor_shapes()
+    stacked = arch.get(spec.model_type).gguf_stacked(spec)  # e.g. each layer's experts as one 3-D tensor
+    in_stack = {name for parts in stacked.values() for name in parts}
+    for hf_name, shape in shapes.items():
+        if hf_name not in in_stack:
+            plan.append(PlannedTensor(gguf_name(hf_name, spec), tuple(shape), out_type if len(shape) >= 2 else "F32",
+                                      sources=(hf_name,)))
+    for merged, parts in stacked.items():
+        plan.append(PlannedTensor(gguf_name(merged, spec), (len(parts),) + tuple(shapes[parts[0]]), out_type,
+                                  sources=tuple(parts)))
     extra = sorted(set(src.tensors.names()) - set(spec.tensor_shapes()))
     if extra:
         log.debug("%s: tensors not used by the GGUF file: %s", src.directory, ", ".join(extra[:8]))
@@ -84,7 +91,6 @@ def plan_tensors(src: Source, float_type: str) -> list[PlannedTensor]:
 
 def write_metadata(writer, spec, float_type: str) -> None:
     """The sizes every architecture has, then the architecture file's own keys, through gguf-py's writers."""
-    writer.add_name(spec.name or arch.get(spec.model_type).gguf_arch)
     writer.add_file_type(FLOAT_TYPES[float_type][1])
     writer.add_context_length(spec.max_position_embeddings)
     writer.add_embedding_length(spec.hidden_size)
@@ -142,14 +148,15 @@ def _write_tensor(fout, t: PlannedTensor, tensors, blocks: _Blocks) -> None:
     if t.array is not None:
         fout.write(np.ascontiguousarray(t.array, dtype=np.float32).tobytes())
         return
-    info = tensors.info(t.source)
-    where = f"{info.file}: tensor {info.name!r}"
-    for raw in tensors.read_blocks(t.source, blocks.block_bytes):
-        if info.dtype == "BF16" and t.out_type == "F16":
-            out = _bf16_to_f16(raw, blocks, where)
-        else:
-            out = _convert(raw, info.dtype, t.out_type, where)
-        fout.write(out.data if out.flags.c_contiguous else out.tobytes())
+    for source in t.sources:  # a stacked tensor: one checkpoint tensor after another, each streamed in blocks
+        info = tensors.info(source)
+        where = f"{info.file}: tensor {info.name!r}"
+        for raw in tensors.read_blocks(source, blocks.block_bytes):
+            if info.dtype == "BF16" and t.out_type == "F16":
+                out = _bf16_to_f16(raw, blocks, where)
+            else:
+                out = _convert(raw, info.dtype, t.out_type, where)
+            fout.write(out.data if out.flags.c_contiguous else out.tobytes())
 
 
 def _pad(fout, alignment: int) -> None:
@@ -169,7 +176,8 @@ def write_float_gguf(src: Source, path: Path, *, float_type: str = "f16", tokeni
     plan = plan_tensors(src, float_type)
     writer = gguf.GGUFWriter(path, arch.get(spec.model_type).gguf_arch)
     write_metadata(writer, spec, float_type)
-    add_vocab(writer, src.directory, spec, tokenizer_pre=tokenizer_pre)
+    with quiet_libraries("gguf"):  # gguf-py's notes on tokenizer files it does not use
+        add_vocab(writer, src, tokenizer_pre=tokenizer_pre)  # general.name too: it sets llama.cpp's whitespace rule
     for t in plan:
         writer.add_tensor_info(t.name, t.shape, np.dtype(np.float32), t.nbytes,
                                raw_dtype=getattr(gguf.GGMLQuantizationType, t.out_type))
@@ -204,6 +212,12 @@ def quantize(src: Path, dst: Path, quant: str, n_threads: int | None = None) -> 
     params.nthread = n_threads or 0  # 0 = llama.cpp picks (hardware concurrency)
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
+        from errno import ENOSPC
+
+        from .staging import no_space
+
+        if no_space(dst.parent):  # llama.cpp says only "iostream error" when the disk fills up
+            raise OSError(ENOSPC, "No space left on device", str(dst))
         raise RuntimeError(f"{src}: llama.cpp's quantizer failed for {quant} (return code {rc})")
     return dst
 
@@ -218,7 +232,13 @@ def resolve_quant(bits: int, quant: str | None) -> str:
     return quant
 
 
-@register(fmt.FORMAT, bits=(4, 8, 16), requires=("gguf", "llama_cpp"))
+def _refuses(spec) -> str | None:
+    """A family llama.cpp has no graph for (Architecture.gguf_arch None) cannot be a GGUF."""
+    family = arch.get(spec.model_type)
+    return None if family.gguf_arch is not None else family.gguf_refusal or f"llama.cpp cannot run {family.description}"
+
+
+@register(fmt.FORMAT, bits=(4, 8, 16), requires=("gguf", "llama_cpp"), refuses=_refuses)
 def export(src: Source, out_dir, *, bits: int = 4, quant: str | None = None, dtype: str = "f16",
            n_threads: int | None = None, tokenizer_pre: str | None = None, **options) -> FormatResult:
     """Write gguf/model-<quant>.gguf.
@@ -231,6 +251,9 @@ def export(src: Source, out_dir, *, bits: int = 4, quant: str | None = None, dty
         raise ValueError(f"gguf export: unknown option(s) {', '.join(sorted(options))}; "
                          "known: quant, dtype, n_threads, tokenizer_pre")
     spec, out_dir = src.spec, Path(out_dir)
+    refused = _refuses(spec)
+    if refused:
+        raise NotImplementedError(f"gguf export: {refused}")
     quant = resolve_quant(bits, quant)
     final = out_dir / fmt.file_name(quant)
     if fmt.QUANTS[quant][0] is None:

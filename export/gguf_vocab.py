@@ -6,19 +6,31 @@ Two llama.cpp tokenizer models cover the Phi family:
   from tokenizer.model; added tokens (tokenizer.json / tokenizer_config.json) become CONTROL (special) or
   USER_DEFINED; ids up to vocab_size that no tokenizer file names are padded as "[PAD<i>]" UNUSED, as llama.cpp's
   converter does (Phi-3's embedding has 32064 rows for 32011 tokens).
-* "gpt2" (byte-level BPE): Phi-1/1.5/2 (CodeGen vocabulary) and Phi-4-mini (o200k-style vocabulary).  Tokens come
+* "gpt2" (byte-level BPE): Phi-1/1.5/2 (CodeGen vocabulary), Phi-4 and Phi-4-reasoning (cl100k vocabulary) and
+  Phi-4-mini(-reasoning) (o200k vocabulary).  Tokens come
   from tokenizer.json, merges and special ids through gguf.SpecialVocab, and the pre-tokenizer name (llama.cpp's
   regex set) is told from tokenizer.json's pre_tokenizer (PRE_TOKENIZERS below).
 
-Special token ids, add_bos/add_eos and the chat template are read by gguf.SpecialVocab (gguf-py's own reader of
-tokenizer_config.json / special_tokens_map.json / config.json).
+Special token ids and add_bos/add_eos are read by gguf.SpecialVocab (gguf-py's own reader of
+tokenizer_config.json / special_tokens_map.json / config.json).  What llama.cpp must do as the other clients do:
+
+* the chat template: the checkpoint's, or edgephi's fallback (export/tokenizer_files.py), always written;
+* the stop set: llama.cpp stops on eos, eot, eom and on tokens it knows by their text (formats.gguf.EOG_TEXTS);
+  the bundle's stop ids that it would not stop on become eot and eom;
+* whitespace after special tokens (tokenizer.json's rstrip flags): llama.cpp has no per-token flag in GGUF; it
+  strips after every special token but <unk>, <s>, <|endoftext|> exactly when general.name names Phi-3
+  (formats.gguf.RSTRIP_NAMES), as Phi-3's own flags say, and nowhere otherwise.  The name is chosen so that
+  llama.cpp's rule equals the tokenizer's flags (model_name below).
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
+from functools import lru_cache
 from pathlib import Path
 
+from edgephi.formats.gguf import EOG_TEXTS, RSTRIP_EXCEPT, RSTRIP_NAMES
 from edgephi.spec import PhiSpec
 
 log = logging.getLogger(__name__)
@@ -28,17 +40,30 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 # First characters of the Split regex of GPT-4o's o200k tokenizer (Phi-4-mini ships it) -> llama.cpp's name.
 _O200K_PREFIX = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+# ... and of GPT-4's cl100k tokenizer (Phi-4, Phi-4-reasoning)
+_CL100K_PREFIX = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
 # (what tokenizer.json's pre_tokenizer looks like, model_type) -> llama.cpp tokenizer.ggml.pre
 PRE_TOKENIZERS = {
     ("bytelevel-gpt2-regex", "phi"): "phi-2",  # Phi-1/1.5/2: GPT-2's regex (llama.cpp: LLAMA_VOCAB_PRE_TYPE_GPT2)
     ("bytelevel-gpt2-regex", "phi3"): "gpt-2",
-    ("split-o200k", "phi3"): "gpt-4o",  # Phi-4-mini
+    ("split-o200k", "phi3"): "gpt-4o",  # Phi-4-mini(-reasoning)
+    # Phi-4(-reasoning): convert_hf_to_gguf.py knows cl100k tokenizers by the hash of their ids on its test text;
+    # Phi-4's is DBRX's (a8594e3e...), so llama.cpp's own conversion names it "dbrx" (cl100k's regex)
+    ("split-cl100k", "phi3"): "dbrx",
 }
 
 
 def _read_json(path: Path) -> dict:
+    """The parsed file, read once per export (add_vocab clears the cache): Phi-4-mini's tokenizer.json is 11 MB and
+    is consulted six times.  Callers only read the result."""
+    st = path.stat()
+    return _parse_json(str(path), st.st_mtime_ns, st.st_size)
+
+
+@lru_cache(maxsize=2)
+def _parse_json(path: str, mtime_ns: int, size: int) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
 
@@ -113,6 +138,8 @@ def _pre_tokenizer_shape(pre) -> str | None:
             pattern = (p.get("pattern") or {}).get("Regex", "") if p.get("type") == "Split" else ""
             if pattern.startswith(_O200K_PREFIX):
                 return "split-o200k"
+            if pattern.startswith(_CL100K_PREFIX):
+                return "split-cl100k"
         if any(p.get("type") == "ByteLevel" for p in parts):
             return "bytelevel-other"
     return None
@@ -182,10 +209,67 @@ def pre_tokenizer_name(ckpt_dir: Path, spec: PhiSpec) -> str:
     return name
 
 
-def add_vocab(writer, ckpt_dir: Path, spec: PhiSpec, tokenizer_pre: str | None = None) -> str:
-    """Add tokenizer.ggml.* to a GGUFWriter; returns the tokenizer model ("llama" or "gpt2")."""
+def _strip_flags(ckpt_dir: Path) -> tuple[set[str], set[str]]:
+    """(tokens that swallow the whitespace after them, ... before them) from tokenizer.json's added tokens."""
+    tj = ckpt_dir / "tokenizer.json"
+    added = _read_json(tj).get("added_tokens") or [] if tj.is_file() else []
+    cfg = ckpt_dir / "tokenizer_config.json"
+    if cfg.is_file():
+        decoder = _read_json(cfg).get("added_tokens_decoder")
+        added = list(added) + list(decoder.values() if isinstance(decoder, dict) else [])
+    entries = [a for a in added if isinstance(a, dict) and isinstance(a.get("content"), str)]
+    return {a["content"] for a in entries if a.get("rstrip")}, {a["content"] for a in entries if a.get("lstrip")}
+
+
+def model_name(name: str, ckpt_dir: Path, tokens: list[str], types: list[int]) -> str:
+    """general.name for which llama.cpp strips whitespace after exactly the special tokens the tokenizer does."""
+    rstrip, lstrip = _strip_flags(ckpt_dir)
+    if lstrip:
+        log.warning("%s: tokens %s strip the whitespace before them; llama.cpp's GGUF cannot say so, and its "
+                    "tokenization of text next to them will differ", ckpt_dir, sorted(lstrip)[:4])
+    names_phi3 = any(n in name.lower() for n in RSTRIP_NAMES)
+    present = set(tokens)
+    rule = {t for t, ty in zip(tokens, types) if ty in (CONTROL, USER_DEFINED, UNKNOWN)} | {"</s>"}
+    rule -= set(RSTRIP_EXCEPT)
+    possible = {"</s>", *RSTRIP_EXCEPT} <= present  # llama.cpp's rule looks these up and fails without them
+    if rstrip and possible and rstrip & present == rule & present:
+        return name if names_phi3 else f"{name} (phi3 tokenizer)"
+    if rstrip:
+        log.warning("%s: tokens %s strip the whitespace after them, which llama.cpp can only do for Phi-3's exact "
+                    "set; its tokenization next to them will differ", ckpt_dir, sorted(rstrip)[:4])
+    if names_phi3:  # llama.cpp would strip where this tokenizer does not: "Phi-3-mini" -> "Phi 3-mini"
+        name = re.sub(r"(?i)(phi)-?3", r"\1 3", name)
+    return name
+
+
+def _stop_ids(writer, tokens: list[str], stop_ids: list[int], eos: int | None) -> None:
+    """eot and eom for the stop ids llama.cpp would not end on by itself (eos and the EOG_TEXTS tokens)."""
+    known = {i for i, t in enumerate(tokens) if t in EOG_TEXTS} | ({eos} if eos is not None else set())
+    rest = sorted((i for i in stop_ids if i not in known), key=lambda i: tokens[i] != "<|end|>")
+    if rest:
+        writer.add_eot_token_id(rest[0])
+    if len(rest) > 1:
+        writer.add_eom_token_id(rest[1])
+    if len(rest) > 2:
+        log.warning("llama.cpp can be told at most three stop ids beyond its own; %s are left out", rest[2:])
+
+
+def add_vocab(writer, src, tokenizer_pre: str | None = None) -> None:
+    """Add tokenizer.ggml.*, the chat template and general.name to a GGUFWriter."""
+    try:
+        _add_vocab(writer, src, tokenizer_pre)
+    finally:
+        _parse_json.cache_clear()  # the parsed tokenizer files live for one export
+
+
+def _add_vocab(writer, src, tokenizer_pre: str | None) -> None:
     import gguf
 
+    from edgephi.chat_template import portable_template
+
+    from .tokenizer_files import chat_template
+
+    ckpt_dir, spec = src.directory, src.spec
     kind = tokenizer_kind(ckpt_dir)
     n_vocab = spec.vocab_size
     if kind in ("llama", "llama-json"):
@@ -208,5 +292,16 @@ def add_vocab(writer, ckpt_dir: Path, spec: PhiSpec, tokenizer_pre: str | None =
     special = gguf.SpecialVocab(ckpt_dir, load_merges=(kind == "gpt2"), n_vocab=n_vocab)
     if spec.model_type == "phi" and "bos" not in special.add_special_token:
         special.add_special_token["bos"] = False  # Phi-1/1.5/2 were trained without a BOS token
+    if not special.chat_template and chat_template(src):
+        special.chat_template = chat_template(src)
+    if isinstance(special.chat_template, str):  # llama-cpp-python's Jinja has no {% generation %} tag
+        special.chat_template = portable_template(special.chat_template)
     special.add_to_gguf(writer, quiet=True)
-    return kind
+    _stop_ids(writer, tokens, src.stop_ids, special.special_token_ids.get("eos"))
+    writer.add_name(model_name(spec.name or arch_name(spec), ckpt_dir, tokens, types))
+
+
+def arch_name(spec) -> str:
+    from edgephi import arch
+
+    return arch.get(spec.model_type).gguf_arch

@@ -57,8 +57,14 @@ def test_existing_output_is_refused_unless_forced(tmp_path, tiny_checkpoint, fak
     with pytest.raises(FileExistsError, match="--force"):
         export_bundle(ckpt, out, formats=("fake",))
     assert (out / "keep.txt").read_text() == "mine"
-    export_bundle(ckpt, out, formats=("fake",), force=True)
-    assert not (out / "keep.txt").exists() and (out / "manifest.json").is_file()
+    with pytest.raises(FileExistsError, match="not an edgephi bundle"):  # --force replaces bundles only
+        export_bundle(ckpt, out, formats=("fake",), force=True)
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    export_bundle(ckpt, out, formats=("fake",), force=True)  # an empty folder
+    (out / "fake" / "0.bin").write_bytes(b"old")
+    export_bundle(ckpt, out, formats=("fake",), force=True)  # a bundle
+    assert (out / "fake" / "0.bin").read_bytes() == b"x" * 10 and (out / "manifest.json").is_file()
     assert _leftovers(tmp_path) == []
 
 

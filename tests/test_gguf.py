@@ -232,8 +232,12 @@ def test_bad_inputs(tiny_checkpoint, tmp_path):
     export = get("gguf")
     # an architecture with no architecture file (so no llama.cpp name)
     other = Source.open(ckpt)
+    other.spec = dataclasses.replace(src.spec, model_type="phi4flash")
+    with pytest.raises(NotImplementedError, match="phi4flash"):
+        export(other, out, bits=16)
+    # one llama.cpp has no graph for: refused with the reason
     other.spec = dataclasses.replace(src.spec, model_type="phi3small")
-    with pytest.raises(NotImplementedError, match="phi3small"):
+    with pytest.raises(NotImplementedError, match="llama.cpp has no Phi-3-small graph"):
         export(other, out, bits=16)
     # options checked before any work
     with pytest.raises(ValueError, match="q4_0"):

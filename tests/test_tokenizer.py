@@ -79,8 +79,12 @@ def test_transformers_reads_same_ids(phi3_dir, phi2_dir):
     ok = sum(ht.encode(t, add_special_tokens=False) == ids for t, ids in PHI3_VECTORS)
     assert ok == len(PHI3_VECTORS), f"transformers: {ok}/{len(PHI3_VECTORS)} vectors match"
     msgs = [{"role": "user", "content": "Hi"}]
+    ours = Tokenizer.from_dir(phi3_dir)
     assert ht.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == \
-        Tokenizer.from_dir(phi3_dir).apply_chat_template(msgs)
+        ours.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    theirs = ht.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    theirs = list(theirs["input_ids"] if hasattr(theirs, "keys") else theirs)
+    assert ours.apply_chat_template(msgs, add_generation_prompt=True) == theirs
     h2 = transformers.AutoTokenizer.from_pretrained(str(phi2_dir))
     assert h2.encode("    return x\t\t") == Tokenizer.from_dir(phi2_dir).encode("    return x\t\t")
 
@@ -180,14 +184,15 @@ def test_chat_template_phi3(phi3_hf, phi3_sp):
             "<|user|>\n2+2?<|end|>\n<|assistant|>\n")
     for tok in (phi3_hf, phi3_sp):
         assert tok.chat_template == vb.PHI3_CHAT_TEMPLATE
-        assert tok.apply_chat_template(msgs) == want
-        assert tok.apply_chat_template(msgs[:2], add_generation_prompt=False) == (
+        assert tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False) == want
+        assert tok.apply_chat_template(msgs[:2], tokenize=False) == (
             "<|system|>\nBe brief.<|end|>\n<|user|>\nHi<|end|>\n<|endoftext|>")
 
 
 def test_chat_template_fallback(phi2):
     assert phi2.chat_template is None
-    assert phi2.apply_chat_template([{"role": "user", "content": "Hi"}]) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
+    assert phi2.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True,
+                                    tokenize=False) == "<|user|>\nHi<|end|>\n<|assistant|>\n"
 
 
 @pytest.mark.parametrize("msgs, where", [
@@ -209,11 +214,30 @@ def test_chat_template_is_sandboxed_and_can_raise(tmp_path, phi3_dir):
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="no system role"):
         Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "x"}])
-    from jinja2.exceptions import SecurityError
     cfg["chat_template"] = "{{ messages.append(1) }}"
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
-    with pytest.raises(SecurityError):
+    with pytest.raises(ValueError, match="chat template failed: SecurityError"):
         Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("template, words", [
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "items"),
+    ("{{ 'x' * 100000000 }}", "'\\*' would build"),
+    ("{{ 2 ** 100000 }}", "exponent"),
+    ("{% for i in range(100000) %}{{ messages[0]['content'] * 100 }}{% endfor %}", "output passes"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ messages[0].nope.deeper }}", "UndefinedError"),
+    ("{% for %}", "does not compile"),
+])
+def test_hostile_or_broken_templates_are_clean_errors(tmp_path, phi3_dir, template, words):
+    """A template is untrusted input: bounded work and output, and every failure a ValueError naming it."""
+    d = tmp_path / "tok"
+    shutil.copytree(phi3_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=words):
+        Tokenizer.from_dir(d).apply_chat_template([{"role": "user", "content": "x" * 100}])
 
 
 def test_stop_ids(phi3_hf, phi3_sp, phi2):

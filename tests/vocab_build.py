@@ -31,6 +31,9 @@ SPM_SPACE = "\u2581"  # "▁"
 from edgephi.tokenizer import PHI3_CHAT_TEMPLATE  # noqa: E402  (the published Phi-3-mini template)
 # Phi-3 added tokens: first and last id (taken by content from the gguf, checked there).
 PHI3_ADDED = ("<|endoftext|>", "<|user|>")
+# The release strips whitespace after these (tokenizer.json rstrip=true): </s> and every added token but
+# <|endoftext|> (Phi-3-mini's tokenizer_config.json added_tokens_decoder).
+PHI3_NO_RSTRIP = ("<unk>", "<s>", "<|endoftext|>")
 # CodeGen (and so Phi-1/1.5/2) whitespace tokens after <|endoftext|>: 31..2 spaces, then 9..2 tabs.
 CODEGEN_WHITESPACE = tuple(" " * n for n in range(31, 1, -1)) + tuple("\t" * n for n in range(9, 1, -1))
 
@@ -64,8 +67,8 @@ def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def _added_entry(content: str, special: bool, normalized: bool = False) -> dict:
-    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": False,
+def _added_entry(content: str, special: bool, normalized: bool = False, rstrip: bool = False) -> dict:
+    return {"content": content, "lstrip": False, "normalized": normalized, "rstrip": rstrip,
             "single_word": False, "special": special}
 
 
@@ -122,10 +125,12 @@ def _phi3_tokenizer_json(path: str) -> str:
                                      decoders.Strip(" ", 1, 0)])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, lay["bos"])])
-    tok.add_special_tokens([AddedToken(lay["tokens"][i], normalized=False, special=True)
+    tok.add_special_tokens([AddedToken(lay["tokens"][i], normalized=False, special=True,
+                                       rstrip=lay["tokens"][i] not in PHI3_NO_RSTRIP)
                             for i in (lay["unk"], lay["bos"], lay["eos"])])
     for i, content in sorted(lay["added"].items()):  # ids are contiguous after the model vocab
-        tok.add_special_tokens([AddedToken(content, normalized=False, special=True)])
+        tok.add_special_tokens([AddedToken(content, normalized=False, special=True,
+                                           rstrip=content not in PHI3_NO_RSTRIP)])
         if tok.token_to_id(content) != i:
             raise ValueError(f"{path}: added token {content!r} got id {tok.token_to_id(content)}, gguf says {i}")
     return tok.to_str(pretty=True)
@@ -158,8 +163,9 @@ def _phi3_sentencepiece(path: str) -> bytes:
 def _phi3_files(path: str, with_sentencepiece: bool) -> dict:
     lay = _phi3_layout(path)
     tokens = lay["tokens"]
-    decoder = {str(i): _added_entry(tokens[i], True) for i in (lay["unk"], lay["bos"], lay["eos"])}
-    decoder.update({str(i): _added_entry(c, True) for i, c in sorted(lay["added"].items())})
+    ids = (lay["unk"], lay["bos"], lay["eos"]) + tuple(sorted(lay["added"]))
+    names = {i: lay["added"].get(i) or tokens[i] for i in ids}
+    decoder = {str(i): _added_entry(names[i], True, rstrip=names[i] not in PHI3_NO_RSTRIP) for i in ids}
     eos = "<|endoftext|>"
     config = {
         "add_bos_token": lay["add_bos"],
