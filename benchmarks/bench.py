@@ -55,11 +55,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run onnxruntime-genai's model builder (≈23 GB peak RSS for Phi-3-mini)")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--rebuild", action="store_true", help="re-export the --shape bundle")
+    p.add_argument("--speculate", default=None, choices=["verify", "tasks", "ttft", "memory"],
+                   help="instead: one part of the speculation / prompt-cache / KV-memory benchmark "
+                        "(benchmarks/bench_speculate.py) on the bundle or --shape")
     p.add_argument("--bandwidth-gb", type=float, default=1.0,
                    help="array size for the bandwidth test (GB); half of it for the int4 kernel test")
 
 
 def cmd_bench(args) -> int:
+    if args.speculate:
+        from edgephi.benchmarks import bench_speculate
+
+        bundle = resolve_subject(args)[0]
+        return bench_speculate.main([args.speculate, str(bundle), "--rounds", str(args.runs), "--gen",
+                                     str(args.gen), *(["--formats", args.formats] if args.formats else []),
+                                     *(["--threads", str(args.threads)] if args.threads else []),
+                                     *(["--out", args.out] if args.out else [])])
     run_bench(args, argv=sys.argv)
     return 0
 

@@ -10,7 +10,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from .backends.base import ContextFullError, Session
-from .sampling import LogitsProcessor, Sampler, greedy
+from .sampling import LogitsProcessor, Sampler, greedy, pick
 
 
 @dataclass
@@ -24,11 +24,24 @@ class GenerationResponse:
     generation_tps: float
     peak_rss_mb: float
     finish_reason: str | None = None  # "stop", "length", "context" or None while generating
+    drafted_tokens: int = 0  # speculative decoding: draft tokens verified so far (edgephi/speculate.py)
+    accepted_tokens: int = 0  # of those, accepted
+    reasoning: str = ""  # Model.chat: the part of this step's text inside the <think> block (edgephi/reasoning.py)
 
 
 def peak_rss_mb() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r / 1024 / 1024 if sys.platform == "darwin" else r / 1024
+
+
+_RSS = [0.0, -1.0]  # last peak RSS read and when: per-token responses reuse it for RSS_EVERY seconds
+RSS_EVERY = 0.25  # getrusage sums over every thread: measured 3 ms a call beside onnxruntime's pool
+
+
+def _peak_rss_throttled(now: float, final: bool) -> float:
+    if final or now - _RSS[1] > RSS_EVERY:
+        _RSS[0], _RSS[1] = peak_rss_mb(), now
+    return _RSS[0]
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -39,24 +52,32 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
+def check_max_tokens(max_tokens) -> None:
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens={max_tokens!r}: must be a whole number >= 1")
+
+
 def generate_step(prompt: Sequence[int], session: Session, sampler: Sampler = greedy,
                   logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
-                  history: Sequence[int] = ()) -> Iterator[tuple[int, np.ndarray]]:
+                  history: Sequence[int] = (), speculator=None) -> Iterator[tuple[int, np.ndarray]]:
     """Yield (token, logits) pairs.  `prompt` is evaluated after `history`, which the caller says is cached.
 
     The generator owns the cache while it runs: on exit the cache holds history + prompt + every yielded token
-    but the last (which was never evaluated).
+    but the last (which was never evaluated); with a speculator (edgephi/speculate.py: drafts verified in one
+    forward) it may also hold accepted tokens that were not yielded yet.
     """
     if not prompt:
         raise ValueError("the prompt is empty")
+    check_max_tokens(max_tokens)
     session.check_room(len(prompt))
+    if speculator is not None:
+        yield from speculator.run(prompt, session, sampler, logits_processors, max_tokens, history)
+        return
     tokens = list(history) + list(prompt)
     logits = session.forward(prompt)
     n = 0
     while True:
-        for proc in logits_processors:
-            logits = proc(tokens, logits)
-        tok = sampler(logits)
+        tok, logits = pick(tokens, logits, logits_processors, sampler)
         yield tok, logits
         tokens.append(tok)
         n += 1
@@ -68,12 +89,14 @@ def generate_step(prompt: Sequence[int], session: Session, sampler: Sampler = gr
 def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: Sampler = greedy,
            logits_processors: Sequence[LogitsProcessor] = (), max_tokens: int = 256,
            stop_ids: frozenset[int] | set[int] = frozenset(), stop_strings: Sequence[str] = (),
-           cached: Sequence[int] = ()) -> Iterator[GenerationResponse]:
+           cached: Sequence[int] = (), speculator=None) -> Iterator[GenerationResponse]:
     """Stream decoded text.  `cached` is what the session's cache holds; the common prefix is reused."""
+    check_max_tokens(max_tokens)
     start = time.perf_counter()
     keep = common_prefix(cached, prompt_ids)
     if keep == len(prompt_ids):  # something must be evaluated to get logits
         keep -= 1
+    keep = session.reusable(keep)  # a ring buffer may no longer hold what position `keep` sees
     session.rewind(keep)
     new = list(prompt_ids[keep:])
     if session.n_past + len(new) > session.n_ctx:
@@ -83,7 +106,9 @@ def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: S
     text_so_far = ""
     n_gen, t_first, prompt_tps = 0, None, 0.0
     finish = "length"
-    for tok, _ in generate_step(new, session, sampler, logits_processors, max_tokens, history=prompt_ids[:keep]):
+    stats = speculator.stats if speculator is not None else None
+    for tok, _ in generate_step(new, session, sampler, logits_processors, max_tokens, history=prompt_ids[:keep],
+                                speculator=speculator):
         now = time.perf_counter()
         if t_first is None:
             t_first = now
@@ -99,20 +124,22 @@ def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: S
             cut = text_so_far.index(hit)
             piece = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
             finish = "stop"
-            yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None)
+            yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
             break
-        yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None)
+        yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
     else:
         if n_gen < max_tokens:
             finish = "context"
     tail = detok.flush() if finish != "stop" else ""
-    yield _response(tail, None, len(new), n_gen, start, t_first or time.perf_counter(), prompt_tps, finish)
+    yield _response(tail, None, len(new), n_gen, start, t_first or time.perf_counter(), prompt_tps, finish, stats)
 
 
-def _response(text, tok, n_prompt, n_gen, start, t_first, prompt_tps, finish) -> GenerationResponse:
+def _response(text, tok, n_prompt, n_gen, start, t_first, prompt_tps, finish, stats=None) -> GenerationResponse:
     now = time.perf_counter()
     gen_time = now - t_first
     return GenerationResponse(text=text, token=tok, prompt_tokens=n_prompt, generation_tokens=n_gen,
                               ttft=t_first - start, prompt_tps=prompt_tps,
                               generation_tps=(n_gen - 1) / gen_time if n_gen > 1 and gen_time > 0 else 0.0,
-                              peak_rss_mb=peak_rss_mb(), finish_reason=finish)
+                              peak_rss_mb=_peak_rss_throttled(now, finish is not None), finish_reason=finish,
+                              drafted_tokens=stats.drafted if stats else 0,
+                              accepted_tokens=stats.accepted if stats else 0)

@@ -96,22 +96,43 @@ def test_chat_second_turn_evaluates_only_new_tokens(tok):
                   choice=Choice(ToyBackend, "cpu"), session=session, tokenizer=tok)
     first = list(model.chat("What is a prime number?", max_tokens=6))
     n1 = session.n_evaluated
-    turn1_tokens = len(tok.encode(tok.apply_chat_template(model.messages[:1]), add_special_tokens=True))
+    turn1_tokens = len(tok.apply_chat_template(model.messages[:1], add_generation_prompt=True))
     assert n1 == turn1_tokens + 5  # the prompt, then every generated token but the last
     second = list(model.chat("And 7?", max_tokens=6))
-    full = tok.encode(tok.apply_chat_template(model.messages[:3]), add_special_tokens=True)
+    full = tok.apply_chat_template(model.messages[:3], add_generation_prompt=True)
     n2 = session.n_evaluated - n1
     assert n2 == second[-1].prompt_tokens + 5
     # only the new turn is evaluated: its own tokens, plus the first answer's last token, which was sampled
     # (max_tokens reached) but never fed to the model
-    prefix = tok.apply_chat_template(model.messages[:2], add_generation_prompt=False)
+    prefix = tok.apply_chat_template(model.messages[:2], tokenize=False)
     answer = model.messages[1]["content"]
-    suffix = tok.apply_chat_template(model.messages[:3])[prefix.rfind(answer) + len(answer):]
+    suffix = tok.apply_chat_template(model.messages[:3], add_generation_prompt=True,
+                                     tokenize=False)[prefix.rfind(answer) + len(answer):]
     assert suffix.startswith("<|end|>") and "And 7?" in suffix
     assert second[-1].prompt_tokens == len(tok.encode(suffix)) + 1
     assert len(session.tokens) == n1 + n2 - 0 and session.tokens[:turn1_tokens] == full[:turn1_tokens]
-    # and the answer equals a fresh session's over the whole conversation
+    # and the answer equals a fresh session's over the whole conversation as the chat holds it: the first answer
+    # as the ids it was generated as (re-encoding its text may split it otherwise: "s" "s" -> "ss")
     assert first[-1].generation_tokens == 6
-    assert [r.token for r in second if r.token is not None] == fresh_greedy(full, 6)[:6]
+    answer_ids = [r.token for r in first if r.token is not None]
+    conversation = full[:turn1_tokens] + answer_ids + tok.encode(suffix)
+    assert [r.token for r in second if r.token is not None] == fresh_greedy(conversation, 6)[:6]
     model.reset()
     assert model.messages == []
+
+
+def test_bad_settings_and_text_are_refused_at_the_call(tok):
+    """Refused when chat()/stream() is called, before the turn is recorded or the cache touched."""
+    model = Model("toy", manifest=type("M", (), {"stop_ids": [32000]})(), choice=Choice(ToyBackend, "cpu"),
+                  session=ToySession(32064), tokenizer=tok)
+    for kwargs, words in (({"max_tokens": 0}, "max_tokens=0"), ({"temperature": float("nan")}, "temperature"),
+                          ({"top_p": 2.0}, "top_p")):
+        with pytest.raises(ValueError, match=words):
+            model.chat("hello", **kwargs)
+        with pytest.raises(ValueError, match=words):
+            model.stream("hello", **kwargs)
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        model.chat("caf\udce9")
+    with pytest.raises(ValueError, match="not valid UTF-8"):
+        model.generate("caf\udce9")
+    assert model.messages == [] and model.session.n_evaluated == 0

@@ -37,6 +37,27 @@ class Session(ABC):
     def reset(self) -> None:
         self.rewind(0)
 
+    def reusable(self, n: int) -> int:
+        """The longest prefix <= n that rewind() keeps and continues from exactly: n, except in a ring buffer
+        (kv_ring) that has dropped keys position n would see, where it is 0 (evaluate again)."""
+        return n
+
+    def check_ids(self, ids: Sequence[int], vocab_size: int | None) -> np.ndarray:
+        """ids as int64 (T,), or ValueError: none given, not whole numbers, or outside 0..vocab_size-1 (an id past
+        the embedding table would otherwise wrap around or read past it, depending on the backend)."""
+        arr = np.asarray(ids)
+        if arr.size == 0:
+            raise ValueError("forward: no token ids given")
+        if arr.dtype == bool or not np.issubdtype(arr.dtype, np.integer):
+            raise ValueError(f"forward: token ids must be whole numbers, got {arr.dtype} values")
+        arr = arr.astype(np.int64).reshape(-1)
+        if vocab_size is not None:
+            bad = arr[(arr < 0) | (arr >= vocab_size)]
+            if bad.size:
+                raise ValueError(f"forward: token id {int(bad[0])} is outside the vocabulary (0..{vocab_size - 1})"
+                                 + (f"; {bad.size - 1} more" if bad.size > 1 else ""))
+        return arr
+
     def check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx:
             raise ContextFullError(f"context full: {self.n_past} cached + {n_new} new tokens > context length "

@@ -32,18 +32,16 @@ def _entry(manifest: Any) -> str:
 
 
 class CoreMLSession(Session):
-    def __init__(self, model, n_ctx: int):
-        self.model, self.n_ctx = model, n_ctx
+    def __init__(self, model, n_ctx: int, vocab_size: int | None = None):
+        self.model, self.n_ctx, self.vocab = model, n_ctx, vocab_size
         self.state = model.make_state()
         self.n_past = 0
         self.n_evaluated = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("forward: no token ids given")
+        ids = self.check_ids(ids, self.vocab)
         self.check_room(len(ids))
-        out = self.model.predict({fmt.INPUT_IDS: np.array([ids], dtype=np.int32),
+        out = self.model.predict({fmt.INPUT_IDS: ids.astype(np.int32)[None],
                                   fmt.POSITION: np.array([self.n_past], dtype=np.int32)}, state=self.state)
         logits = np.asarray(out[fmt.LOGITS], dtype=np.float32)[0]  # (T, V)
         self.n_past += len(ids)
@@ -82,13 +80,14 @@ class CoreMLBackend(Backend):
         return None
 
     @classmethod
-    def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> Session:
+    def open(cls, bundle_dir: Path, manifest: Any, device: str, n_ctx: int | None = None, **options) -> Session:
+        """options: n_ctx (at most the cache the program was exported with; default that)."""
         import coremltools as ct
 
         if device not in COMPUTE_UNITS:
             raise ValueError(f"coreml backend: device {device!r}; choose from {', '.join(COMPUTE_UNITS)}")
         if options:
-            raise ValueError(f"coreml backend: unknown options {', '.join(sorted(options))}")
+            raise ValueError(f"coreml backend: unknown options {', '.join(sorted(options))}; known: n_ctx")
         path = Path(bundle_dir) / _entry(manifest)
         if not path.exists():
             raise FileNotFoundError(f"{path}: Core ML package not found (the manifest's coreml entry)")
@@ -97,4 +96,9 @@ class CoreMLBackend(Backend):
         if fmt.N_CTX_KEY not in meta:
             raise ValueError(f"{path}: metadata key {fmt.N_CTX_KEY!r} missing; not an edgephi export")
         log.info("coreml: opened %s on %s (%s)", path, device, COMPUTE_UNITS[device])
-        return CoreMLSession(model, int(meta[fmt.N_CTX_KEY]))
+        vocab = meta.get(fmt.META_PREFIX + "vocab_size")
+        exported = int(meta[fmt.N_CTX_KEY])
+        if n_ctx is not None and not 0 < int(n_ctx) <= exported:
+            raise ValueError(f"coreml backend: n_ctx={n_ctx}; the program's cache holds 1..{exported} positions "
+                             "(export with a larger n_ctx)")
+        return CoreMLSession(model, int(n_ctx or exported), int(vocab) if vocab else None)

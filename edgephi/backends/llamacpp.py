@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_BATCH = 512
 SLIDING_WINDOW_MODES = ("exact", "cap", "off")
+KV_TYPES = {"f16": 1, "q8_0": 8}  # kv_type option -> ggml type of the K and V cache (GGML_TYPE_F16, GGML_TYPE_Q8_0)
+RING_SLACK = 64  # kv_ring: cells beyond the sliding window, for rewinds (speculation rewinds at most 17)
 FLASH_ATTN_MODES = ("auto", "on", "off")
 _GPU_DEVICES = ("metal", "cuda")
 
@@ -58,7 +60,8 @@ class LlamaCppSession(Session):
     """One llama.cpp context on one GGUF model; sequence 0 holds the visible KV cache."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
-                 sliding_window: int | None, n_batch: int = DEFAULT_BATCH, flash_attn: str = "auto"):
+                 sliding_window: int | None, n_batch: int = DEFAULT_BATCH, flash_attn: str = "auto",
+                 kv_type: str = "f16", ring: bool = False):
         import llama_cpp
 
         fmt.quiet_llama_logs()
@@ -71,7 +74,10 @@ class LlamaCppSession(Session):
             raise ValueError(f"{model_path}: llama.cpp could not load this GGUF file (corrupt, or an architecture "
                              f"this llama-cpp-python {llama_cpp.__version__} does not know)")
         cparams = llama_cpp.llama_context_default_params()
-        cparams.n_ctx = n_ctx
+        ring = bool(ring and sliding_window)  # a ring buffer holds the window and a slack, not the whole context
+        cparams.n_ctx = min(n_ctx, sliding_window + RING_SLACK) if ring else n_ctx
+        cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
+        self.kv_type = kv_type
         cparams.n_batch = cparams.n_ubatch = min(n_ctx, n_batch)
         cparams.n_threads = cparams.n_threads_batch = n_threads
         # one KV stream shared by sequence 0 (visible) and 1 (keys outside the sliding window, kept for rewind)
@@ -86,12 +92,14 @@ class LlamaCppSession(Session):
             llama_cpp.llama_model_free(self._model)
             self._model = None
             raise RuntimeError(f"{model_path}: llama.cpp could not create a context of {n_ctx} tokens")
-        self.n_ctx = min(n_ctx, llama_cpp.llama_n_ctx(self._ctx))  # llama.cpp may round its size up
+        cells = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_ctx = n_ctx if ring else min(n_ctx, cells)  # llama.cpp may round its size up
+        self.ring_cells = cells if ring and cells < n_ctx else None
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(self._model))
         self.n_batch = min(n_ctx, n_batch)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
-        self._window = WindowedCache(llama_cpp, self._mem, sliding_window) if sliding_window else None
+        self._window = WindowedCache(llama_cpp, self._mem, sliding_window, self.ring_cells) if sliding_window else None
         self.n_past = 0
         self.n_evaluated = 0
 
@@ -128,12 +136,7 @@ class LlamaCppSession(Session):
         return out
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = [int(i) for i in ids]
-        if not ids:
-            raise ValueError("forward() needs at least one token id")
-        bad = [i for i in ids if not 0 <= i < self.n_vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary (0..{self.n_vocab - 1})")
+        ids = self.check_ids(ids, self.n_vocab).tolist()
         self.check_room(len(ids))
         chunks = []
         for start, length in self._pieces(len(ids)):
@@ -146,9 +149,15 @@ class LlamaCppSession(Session):
         logits = np.concatenate(chunks) if all_logits else chunks[-1]
         return logits if all_logits else logits[-1]
 
+    def reusable(self, n: int) -> int:
+        return self._window.reusable(n) if self._window is not None else n
+
     def rewind(self, n: int) -> None:
         if not 0 <= n <= self.n_past:
             raise ValueError(f"rewind({n}): the cache holds {self.n_past} tokens")
+        if self.reusable(n) != n:
+            raise ValueError(f"rewind({n}): the ring buffer no longer holds the keys position {n} sees; rewind to "
+                             "0 and evaluate again")
         if n == 0:
             self._ll.llama_memory_clear(self._mem, True)
         else:
@@ -210,19 +219,29 @@ class LlamaCppBackend(Backend):
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Any, device: str, *, n_ctx: int | None = None,
              threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
-             flash_attn: str | None = None, **options) -> LlamaCppSession:
+             flash_attn: str | None = None, kv_type: str = "f16", kv_ring: bool = False,
+             **options) -> LlamaCppSession:
         """Options: n_ctx (default: edgephi.formats.default_n_ctx of the model's context), threads (default: physical cores),
         n_batch, sliding_window ("exact" | "cap" | "off"), flash_attn ("auto": llama.cpp decides, "on", "off";
         default "off" on CPU, "auto" on Metal/CUDA).
 
         Why off on CPU: on Phi-3-mini's shape (2 AVX2 cores, benchmarks/results) llama.cpp's CPU flash-attention
         kernel decodes 8-24% slower after a 512-token prompt (6.2 and 6.8 vs 8.2 and 7.5 tok/s) for a 3% faster prefill,
-        so a 512-token prompt with a 128-token answer takes longer with it; llama-cpp-python also leaves it off."""
+        so a 512-token prompt with a 128-token answer takes longer with it; llama-cpp-python also leaves it off.
+
+        kv_type ("f16" | "q8_0": llama.cpp's 8-bit K and V cache, half the memory; a quantized V cache needs flash
+        attention, so q8_0 turns it on), kv_ring (False: True keeps only the sliding window + RING_SLACK cells
+        for models with a window, so memory stops growing past it; see llamacpp_window.py)."""
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type={kv_type!r}; choose one of {', '.join(KV_TYPES)}")
         if flash_attn is None:
-            flash_attn = "auto" if device in _GPU_DEVICES else "off"
+            flash_attn = "on" if kv_type != "f16" else "auto" if device in _GPU_DEVICES else "off"
+        if kv_type != "f16" and flash_attn == "off":
+            raise ValueError(f"kv_type={kv_type!r} needs flash attention (llama.cpp quantizes the V cache only "
+                             "with it); leave flash_attn unset or 'on'")
         if options:
             raise ValueError(f"llamacpp backend: unknown option(s) {', '.join(sorted(options))}; "
-                             "known: n_ctx, threads, n_batch, sliding_window, flash_attn")
+                             "known: n_ctx, threads, n_batch, sliding_window, flash_attn, kv_type, kv_ring")
         if flash_attn not in FLASH_ATTN_MODES:
             raise ValueError(f"flash_attn={flash_attn!r}; choose one of {', '.join(FLASH_ATTN_MODES)}")
         if sliding_window not in SLIDING_WINDOW_MODES:
@@ -235,8 +254,15 @@ class LlamaCppBackend(Backend):
         path = Path(bundle_dir) / entry.entry
         if not path.is_file():
             raise FileNotFoundError(f"{path}: GGUF file named by manifest.json is missing")
-        n_ctx = check_n_ctx(n_ctx, int(manifest.context_length), "llamacpp backend")
         spec = manifest.spec
+        if spec is not None:  # our own header reader first: a GGUF of another model never reaches llama.cpp
+            from .. import arch
+
+            name = arch.get(spec.model_type).gguf_arch
+            fmt.check_metadata(path, {"general.architecture": name, f"{name}.block_count": spec.num_hidden_layers,
+                                      f"{name}.embedding_length": spec.hidden_size,
+                                      f"{name}.context_length": spec.max_position_embeddings})
+        n_ctx = check_n_ctx(n_ctx, int(manifest.context_length), "llamacpp backend")
         window, n_ctx = _window_and_ctx(spec, n_ctx, sliding_window)
         rs = getattr(spec, "rope_scaling", None)
         if rs is not None:
@@ -246,7 +272,7 @@ class LlamaCppBackend(Backend):
                      "long" if n_ctx > orig else "short", n_ctx, ">" if n_ctx > orig else "<=", orig, orig)
         return LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or physical_cores(),
                                n_gpu_layers=-1 if device in _GPU_DEVICES else 0, sliding_window=window,
-                               n_batch=n_batch, flash_attn=flash_attn)
+                               n_batch=n_batch, flash_attn=flash_attn, kv_type=kv_type, ring=kv_ring)
 
 
 def open_gguf(path: str | Path, spec=None, *, device: str = "cpu", **options) -> LlamaCppSession:

@@ -25,6 +25,7 @@ from ..formats import check_n_ctx
 from ..formats import onnx as fmt
 from ..paths import cache_home
 from .base import Backend, Session, register_backend
+from .onnx_ring import ring_for
 
 log = logging.getLogger(__name__)
 
@@ -85,19 +86,30 @@ def make_session(model_path: Path, provider: str, threads: int | None = None, ca
             tmp = opt.with_name(f"tmp{os.getpid()}-" + opt.name)
         except OSError as e:
             log.info("optimized-graph cache %s not writable (%s): loading without it", opt.parent, e)
+    def load_error(e: Exception) -> Exception:
+        """onnxruntime's own types for a corrupt graph (plain Exceptions) as a ValueError naming the file."""
+        if type(e).__name__ not in ("InvalidProtobuf", "InvalidGraph", "Fail", "NoSuchFile", "InvalidArgument"):
+            return e
+        return ValueError(f"{model_path}: onnxruntime cannot load this ONNX graph (corrupt, truncated, or its "
+                          f"external data is): {' '.join(str(e).split())[:300]}")
+
     try:
         sess = ort.InferenceSession(str(model_path), _session_options(threads, tmp), providers=providers)
-    except Exception:  # noqa: BLE001 - a full or read-only cache makes onnxruntime fail: load without saving
+    except Exception as e:  # noqa: BLE001 - a full or read-only cache makes onnxruntime fail: load without saving
         if tmp is None:
-            raise
+            raise load_error(e) from e
         _remove(tmp)
-        return ort.InferenceSession(str(model_path), _session_options(threads, None), providers=providers)
+        try:
+            return ort.InferenceSession(str(model_path), _session_options(threads, None), providers=providers)
+        except Exception as e2:  # noqa: BLE001 - see load_error
+            raise load_error(e2) from e2
     if tmp is not None and tmp.is_file():
         try:
             _rename_optimized(tmp, opt)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a full disk can also leave a truncated graph (onnx's DecodeError)
             log.info("could not keep the optimized graph in %s (%s)", opt.parent, e)
-            _remove(tmp)
+            for p in (tmp, opt, opt.with_suffix(".onnx.tmp")):
+                _remove(p)
     return sess
 
 
@@ -117,7 +129,7 @@ def _rename_optimized(tmp: Path, final: Path) -> None:
     if data.is_file():
         os.replace(data, final.with_name(final.name + ".data"))
     model = onnx.load(str(tmp), load_external_data=False)
-    for t in model.graph.initializer:
+    for t in _tensors(model.graph):
         for e in t.external_data:
             if e.key == "location":
                 e.value = final.name + ".data"
@@ -126,9 +138,24 @@ def _rename_optimized(tmp: Path, final: Path) -> None:
     tmp.unlink()
 
 
+def _tensors(graph):
+    """Every tensor of a graph and its subgraphs (an If's branches hold LongRoPE's tables)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
 class OnnxSession(Session):
     def __init__(self, model_dir: Path, provider: str = "CPUExecutionProvider", n_ctx: int | None = None,
-                 threads: int | None = None, cache_optimized: bool = True, model_file: str | None = None):
+                 threads: int | None = None, cache_optimized: bool = True, model_file: str | None = None,
+                 ring=None):
         import onnxruntime as ort
 
         cfg = fmt.read_genai_config(model_dir)
@@ -141,14 +168,21 @@ class OnnxSession(Session):
         self.sess = make_session(model_path, provider, threads, cache_optimized)
         self.vocab = cfg.vocab_size
         dev = CACHE_DEVICE.get(provider, "cpu")
-        shape = (1, self.n_kv, self.n_ctx, self.head_dim)  # (B, n_kv, n_ctx, hd): past and present share it
+        self._ring = ring if ring is not None and ring.capacity < self.n_ctx else None  # kv_ring: onnx_ring.py
+        if self._ring is not None and dev != "cpu":
+            raise ValueError("kv_ring: the onnx backend's ring buffer needs its cache on the CPU")
+        self._cache_len = self._ring.capacity if self._ring else self.n_ctx
+        self.ring_capacity = self._ring.capacity if self._ring else None
+        shape = (1, self.n_kv, self._cache_len, self.head_dim)  # (B, n_kv, positions, hd): past and present share it
+        self._arrays = []  # the CPU buffers' numpy arrays (the ring shifts them in place)
         self.io = self.sess.io_binding()
         self.io.bind_output(fmt.LOGITS)  # bound first: get_outputs()[0] is the logits
         self._cache = []
         for i in range(self.n_layers):
             for kind in ("key", "value"):
                 if dev == "cpu":
-                    buf = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                    self._arrays.append(np.zeros(shape, np.float32))
+                    buf = ort.OrtValue.ortvalue_from_numpy(self._arrays[-1])
                 else:
                     buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
                 self._cache.append(buf)
@@ -158,14 +192,41 @@ class OnnxSession(Session):
         self.n_evaluated = 0
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)  # (1, T)
+        ids = self.check_ids(ids, self.vocab).reshape(1, -1)  # (1, T)
         t = ids.shape[1]
-        if t == 0:
-            raise ValueError("forward: no token ids given")
         self.check_room(t)
+        if self._ring is not None:  # in pieces that fit the ring, each after a shift if needed
+            out, done = [], 0
+            while done < t:
+                used = self.n_past - self._ring.offset
+                room = self._ring.capacity - min(used, self._ring.window - 1 + self._ring.reserve)
+                piece = t - done if used + t - done <= self._ring.capacity else min(t - done, room)
+                self._ring.make_room(self.n_past, piece, self._arrays)
+                out.append(self._run(ids[:, done:done + piece], all_logits))
+                done += piece
+            return np.concatenate(out) if all_logits else out[-1]
+        return self._run(ids, all_logits)
+
+    @property
+    def offset(self) -> int:
+        """True position of cache index 0 (0 but in a shifted ring buffer)."""
+        return self._ring.offset if self._ring is not None else 0
+
+    @offset.setter
+    def offset(self, value: int) -> None:
+        if self._ring is not None:
+            self._ring.offset = value
+        elif value:
+            raise ValueError("offset: only a ring buffer (kv_ring) has one")
+
+    def reusable(self, n: int) -> int:
+        return self._ring.reusable(n) if self._ring is not None else n
+
+    def _run(self, ids: np.ndarray, all_logits: bool) -> np.ndarray:
+        t = ids.shape[1]
         self.io.bind_cpu_input(fmt.INPUT_IDS, ids)
         # only the mask's length matters: GQA takes positions and valid lengths from it (no padding, batch 1)
-        self.io.bind_cpu_input(fmt.ATTENTION_MASK, np.ones((1, self.n_past + t), np.int64))
+        self.io.bind_cpu_input(fmt.ATTENTION_MASK, np.ones((1, self.n_past - self.offset + t), np.int64))
         self.io.bind_output(fmt.LOGITS)
         self.sess.run_with_iobinding(self.io)
         logits = self.io.get_outputs()[0].numpy()  # (1, T, V)
@@ -176,12 +237,15 @@ class OnnxSession(Session):
     def rewind(self, n: int) -> None:
         if not 0 <= n <= self.n_past:
             raise ValueError(f"rewind: n={n}; allowed 0..{self.n_past} (the tokens cached)")
+        if self._ring is not None:
+            self._ring.after_rewind(n)
         self.n_past = n  # positions >= n are overwritten by the next forward and masked until then
 
     def close(self) -> None:
         self.io = None
         self.sess = None
         self._cache = []
+        self._arrays = []
 
 
 @register_backend
@@ -207,7 +271,9 @@ class OnnxBackend(Backend):
     @classmethod
     def open(cls, bundle_dir: Path, manifest: Any, device: str, **options) -> OnnxSession:
         """options: n_ctx (cache length, default edgephi.formats.default_n_ctx), threads (default physical cores),
-        provider (an onnxruntime execution provider name overriding the device's), cache_optimized (True)."""
+        provider (an onnxruntime execution provider name overriding the device's), cache_optimized (True),
+        kv_ring (False: True, or a slack in positions, bounds a sliding-window model's cache: onnx_ring.py),
+        kv_type ("f32" only)."""
         from ..devices import probe
 
         entry = f"{fmt.FORMAT}/{fmt.MODEL_FILE}"
@@ -222,8 +288,13 @@ class OnnxBackend(Backend):
                 raise ValueError(f"onnx backend: device {device!r} has no execution provider here "
                                  f"(onnxruntime has {', '.join(have)}); devices: {', '.join(cls.devices)}")
         known = {"n_ctx", "threads", "cache_optimized"}
+        kv_type, kv_ring = options.pop("kv_type", None), options.pop("kv_ring", False)
+        if kv_type not in (None, "f32"):
+            raise ValueError(f"onnx backend: kv_type={kv_type!r}; it keeps a float32 cache (onnxruntime's "
+                             "GroupQueryAttention has no 8-bit one): the gguf format has kv_type='q8_0'")
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"onnx backend: unknown option(s) {', '.join(unknown)}; allowed: "
-                             f"{', '.join(sorted(known | {'provider'}))}")
-        return OnnxSession(model_path.parent, provider, model_file=model_path.name, **options)
+                             f"{', '.join(sorted(known | {'provider', 'kv_type', 'kv_ring'}))}")
+        ring = ring_for(getattr(manifest, "spec", None), kv_ring)  # kv_ring: onnx_ring.py
+        return OnnxSession(model_path.parent, provider, model_file=model_path.name, ring=ring, **options)

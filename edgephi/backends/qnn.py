@@ -33,7 +33,8 @@ def emulation_reason(machine: str) -> str:
 
 class QnnSession(Session):
     def __init__(self, model_dir: Path, target: str | None = None, prefer_context: bool = True,
-                 threads: int | None = None, strict: bool = True, record: bool = False, n_ctx: int | None = None):
+                 threads: int | None = None, strict: bool = True, record: bool = False, n_ctx: int | None = None,
+                 cpu: bool = False):
         from ..formats.qnn import make_session
 
         model_dir = Path(model_dir)
@@ -45,19 +46,25 @@ class QnnSession(Session):
             log.info("qnn: n_ctx=%s asked for; the static graphs hold %d (export with a larger n_ctx)", n_ctx,
                      self.graph_ctx)
         self.window = cfg.sliding_window
+        self.vocab = cfg.vocab_size
         self.mask_value = np.float16(cfg.mask_value)
         self.long_offset, self.long_after = cfg.rope_long_offset, cfg.rope_long_after
         compiled = cfg.targets
         if target is None:
             target = next(iter(compiled), None) or "sm8650"
         self.target = fmt.get_target(target)
-        self.from_context = prefer_context and target in compiled
+        self.from_context = prefer_context and target in compiled and not cpu
         self.sessions = {}
         for name in fmt.GRAPHS:
             path = model_dir / (compiled[target]["graphs"][name] if self.from_context else cfg.graphs[name]["file"])
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: {name} graph named by {fmt.CONFIG} is missing")
-            self.sessions[name] = make_session(path, self.target, strict=strict, record=record, threads=threads)
+            if cpu:  # the same graphs on onnxruntime's CPU provider: the device check's reference
+                import onnxruntime as ort
+
+                self.sessions[name] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            else:
+                self.sessions[name] = make_session(path, self.target, strict=strict, record=record, threads=threads)
         log.info("qnn: %s graphs for %s (%s)", "context-binary" if self.from_context else "ONNX", target,
                  self.target.chip)
         shape = (1, self.n_kv, self.graph_ctx, self.head_dim)  # (B, n_kv, graph_ctx, hd)
@@ -104,10 +111,8 @@ class QnnSession(Session):
         return res[fmt.LOGITS][0, :t].astype(np.float32)
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ids = self.check_ids(ids, self.vocab)
         t = len(ids)
-        if t == 0:
-            raise ValueError("forward: no token ids given")
         self.check_room(t)
         # LongRoPE: the whole call's last position decides short or long (as one unchunked forward would)
         long = self.long_offset is not None and self.n_past + t > self.long_after
@@ -156,16 +161,19 @@ class QnnBackend(Backend):
         """options: target (a key of edgephi.formats.onnx_npu.TARGETS; default the first compiled one), prefer_context (True: the
         bundle's context binary when there is one for the target), threads, strict (True: no CPU fallback),
         record (False: True keeps node placements for placements()), n_ctx (at most the exported one),
-        allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU)."""
+        allow_emulated (False: True opens the x86 HTP emulation, for tests; it is never an NPU), cpu (False: True
+        runs the same graphs on onnxruntime's CPU provider, with device "cpu": the reference of the device check)."""
         from ..devices import probe
 
-        known = {"target", "prefer_context", "threads", "strict", "record", "n_ctx", "allow_emulated"}
+        known = {"target", "prefer_context", "threads", "strict", "record", "n_ctx", "allow_emulated", "cpu"}
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"qnn backend: unknown option(s) {', '.join(unknown)}; "
                              f"allowed: {', '.join(sorted(known))}")
         allow = bool(options.pop("allow_emulated", False))
-        why = cls.unavailable_reason(probe(), device if device != "auto" else "npu")
+        if options.get("cpu") and device != "cpu":
+            raise ValueError(f"qnn backend: cpu=True runs on device 'cpu', not {device!r}")
+        why = None if options.get("cpu") else cls.unavailable_reason(probe(), device if device != "auto" else "npu")
         if why is not None and not (allow and probe().qnn_htp == "emulated"):
             raise ValueError(f"qnn backend: {why}")
         entry = f"{fmt.FORMAT}/{fmt.GRAPHS[0]}.onnx"
