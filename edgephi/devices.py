@@ -22,6 +22,7 @@ class Probe:
     llama_gpu_offload: bool = False  # llama.cpp was built with a GPU backend (Metal, CUDA)
     modules: frozenset[str] = field(default_factory=frozenset)  # importable optional modules
     qnn_htp: str | None = None  # "hardware", "emulated" (x86 HTP simulator) or None
+    memory_bytes: int | None = None  # the machine's RAM (what the CPU, Apple GPUs and phone NPUs share)
 
     @property
     def apple_silicon(self) -> bool:
@@ -71,7 +72,17 @@ def probe() -> Probe:
         qnn = "emulated" if platform.machine().lower() in ("x86_64", "amd64") else "hardware"
     return Probe(system=platform.system(), machine=platform.machine(), macos_version=_macos_version(),
                  cpu_count=os.cpu_count() or 1, ort_providers=providers, cuda=_cuda_visible(),
-                 llama_gpu_offload=_llama_gpu_offload(modules), modules=modules, qnn_htp=qnn)
+                 llama_gpu_offload=_llama_gpu_offload(modules), modules=modules, qnn_htp=qnn,
+                 memory_bytes=_memory())
+
+
+def _memory() -> int | None:
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().total)
+    except (ImportError, OSError):
+        return None
 
 
 def physical_cores() -> int:

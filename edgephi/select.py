@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from typing import Callable
 
 from .backends.base import BACKENDS, DEVICES, Backend
 from .devices import Probe, probe as probe_this_machine
@@ -54,8 +55,14 @@ class Choice:
         return "\n".join(lines)
 
 
-def availability(probe: Probe | None = None, formats: tuple[str, ...] | None = None) -> list[tuple[str, str, str | None]]:
-    """(backend, device, reason or None) for every backend and device it drives."""
+# devices whose memory is the machine's RAM (a discrete GPU's own memory is not probed)
+SHARED_MEMORY_DEVICES = ("cpu", "metal", "npu")
+
+
+def availability(probe: Probe | None = None, formats: tuple[str, ...] | None = None,
+                 needs: dict[str, int] | None = None) -> list[tuple[str, str, str | None]]:
+    """(backend, device, reason or None) for every backend and device it drives; needs: bytes each format takes
+    to run (Manifest.memory_bytes), refused on a device that cannot hold them."""
     probe = probe or probe_this_machine()
     out = []
     for dev in DEVICE_ORDER:
@@ -66,24 +73,37 @@ def availability(probe: Probe | None = None, formats: tuple[str, ...] | None = N
             if formats is not None and cls.format not in formats:
                 out.append((name, dev, f"the bundle has no {cls.format} model"))
                 continue
-            out.append((name, dev, cls.unavailable_reason(probe, dev)))
+            why = cls.unavailable_reason(probe, dev)
+            need = (needs or {}).get(cls.format)
+            if why is None and need and probe.memory_bytes and dev in SHARED_MEMORY_DEVICES and need > probe.memory_bytes:
+                why = (f"the model needs {need / 1e9:.1f} GB (weights and KV cache); this machine has "
+                       f"{probe.memory_bytes / 1e9:.1f} GB")
+            out.append((name, dev, why))
     return out
 
 
 def select(formats: tuple[str, ...], device: str = "auto", format: str | None = None,
-           probe: Probe | None = None) -> Choice:
-    """Choose (backend, device) for a bundle holding `formats`."""
+           probe: Probe | None = None, trust: Callable[[str, str], str | None] | None = None,
+           needs: dict[str, int] | None = None) -> Choice:
+    """Choose (backend, device) for a bundle holding `formats`.
+
+    trust(backend, device) -> None or why not: with device="auto", a backend that can run but is not trusted
+    (edgephi/verify.py: it has not passed its device check here) is passed over with that reason."""
     if device != "auto" and device not in DEVICES:
         raise DeviceUnavailableError(f"unknown device {device!r}; choose from auto, {', '.join(DEVICES)}")
     if format is not None and format not in formats:
         raise DeviceUnavailableError(f"the bundle has no {format} model; it has {', '.join(formats)}")
-    rows = availability(probe, formats)
+    rows = availability(probe, formats, needs)
     if format is not None:
         rows = [(b, d, why if load_backends()[b].format == format else f"--format {format} was asked for")
                 for b, d, why in rows]
     choice = Choice(None, None, rows)
-    for name, dev, why in rows:
+    for k, (name, dev, why) in enumerate(rows):
         if why is None and (device == "auto" or dev == device):
+            distrust = trust(name, dev) if trust is not None and device == "auto" else None
+            if distrust is not None:
+                rows[k] = (name, dev, distrust)
+                continue
             choice.backend, choice.device = load_backends()[name], dev
             return choice
     usable = sorted({f"{d} ({b})" for b, d, why in rows if why is None})

@@ -89,3 +89,24 @@ def test_snapdragon_prefers_the_npu_when_the_bundle_has_an_npu_model():
     emulated = Probe(**{**SNAPDRAGON.__dict__, "machine": "x86_64", "qnn_htp": "emulated"})
     with pytest.raises(DeviceUnavailableError, match="x86 emulation"):
         select(ALL + ("onnx-npu",), device="npu", probe=emulated)
+
+
+def test_a_device_that_cannot_hold_the_model_is_refused_with_the_figure():
+    small = Probe(**{**LINUX_CPU.__dict__, "memory_bytes": 16 * 10**9})
+    assert pick(("onnx",), p=small) == ("onnx", "cpu")
+    needs = {"onnx": 24 * 10**9, "gguf": 12 * 10**9}  # e.g. Phi-3.5-MoE's ONNX, and a smaller GGUF
+    c = select(("onnx", "gguf"), probe=small, needs=needs)
+    assert (c.backend.name, c.device) == ("llamacpp", "cpu")
+    assert "needs 24.0 GB" in c.explain() and "has 16.0 GB" in c.explain()
+    with pytest.raises(DeviceUnavailableError, match="needs 24.0 GB"):
+        select(("onnx",), probe=small, needs=needs)
+
+
+def test_the_manifest_says_what_running_each_format_takes(tmp_path, tiny_checkpoint):
+    from edgephi.export.bundle import export_bundle
+
+    out, m = export_bundle(str(tiny_checkpoint("phi-3-medium")), tmp_path / "b", formats=("onnx", "gguf"), bits=16)
+    s = m.spec
+    kv = 2 * s.num_hidden_layers * s.num_key_value_heads * s.head_dim * min(m.context_length, 4096)
+    assert m.memory_bytes("onnx") == m.formats["onnx"].nbytes + 4 * kv  # float32 cache
+    assert m.memory_bytes("gguf") == m.formats["gguf"].nbytes + 2 * kv  # float16 cache
