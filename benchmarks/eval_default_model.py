@@ -34,10 +34,10 @@ HELDOUT = [  # (package, version, licence, file)
     ("jinja2", "3.1.6", "BSD-3-Clause", "jinja2/bccache.py"),
     ("jinja2", "3.1.6", "BSD-3-Clause", "jinja2/utils.py"),
 ]
-# Each prompt ends with its line break: the tokenizer learned ":\n" as one piece, so a prompt cut after ":" would
-# end on a piece boundary that training never shows.
-PROMPTS = ["def fibonacci(n):\n", "import os\n\ndef list_files(path):\n", "class Stack:\n",
-           "def is_prime(n):\n    \"\"\"Return True if n is a prime number.\"\"\"\n"]
+# No prompt ends with its line break: the tokenizer keeps a line break with the indentation after it
+# ("\n▁▁▁▁" is one piece), so a prompt ending in "\n" would end on a piece boundary that training seldom shows.
+PROMPTS = ["def fibonacci(n):", "import os\n\ndef list_files(path):", "class Stack:",
+           "def is_prime(n):\n    \"\"\"Return True if n is a prime number.\"\"\""]
 
 
 def xz_size(data: bytes) -> int:

@@ -85,6 +85,7 @@ def check_bundle(bundle: str | Path, text: str | None = None, max_tokens: int = 
 
     bundle = Path(bundle)
     manifest = Manifest.load(bundle)
+    manifest.verify(bundle)  # every model file's sha256 as recorded at export: scores of a damaged file mean nothing
     text = heldout_text() if text is None else text
     window = min(window, manifest.context_length)
     opts = {"threads": threads} if threads else {}

@@ -10,8 +10,14 @@ validation set for the loss curve.  The exact file list (with sizes and SHA-256)
 the model.
 
 Tokenizer: our own SentencePiece-style BPE with byte fallback trained with ``tokenizers`` on the training files
-(" " → "▁", no pre-tokenizer, so runs of indentation become single tokens; unknown characters fall back to the
-256 <0xNN> byte pieces), 4096 ids, Phi-3's special tokens and chat template.  Model: transformers' Phi3ForCausalLM,
+(" " → "▁"; unknown characters fall back to the 256 <0xNN> byte pieces), 4096 ids, Phi-3's special tokens and chat
+template.  With ``--pre-tokenizer split`` (the default) the trainer cuts the text before every run of whitespace
+("▁", "\\n", "\\r"), so in a learned piece these characters can only form its beginning ("\\n▁▁▁▁▁▁▁▁return",
+"▁self.", "▁▁▁▁") and never follow another character (no "def▁", no ":\\n").  onnxruntime-genai's own tokenizer cuts
+the text into chunks exactly there (see ``OG_NOOP_PRE_TOKENIZER``) and runs BPE chunk by chunk; since no piece crosses
+such a cut, that gives the same ids as BPE on the whole text (transformers, edgephi, llama.cpp's SentencePiece
+merging).  ``--pre-tokenizer none`` reproduces the older vocabulary (trained on lines with no pre-tokenizer: pieces
+like "def▁" and ":\\n"), which onnxruntime-genai splits differently.  Model: transformers' Phi3ForCausalLM,
 tied embeddings, trained on the CPU with AdamW and a cosine schedule driven by a wall-clock budget (``--minutes``);
 ``--steps N`` replays a run step for step (the number of steps a run took is recorded in training.json).
 Outputs: the checkpoint in Hugging Face layout (fp16 safetensors), benchmarks/results/default_model_loss.csv/.png.
@@ -33,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 ROOT = Path(__file__).resolve().parent.parent
 STDLIB = Path("/root/.pyenv/versions/3.11.7/lib/python3.11")
@@ -49,6 +55,19 @@ MAX_FILE_BYTES = 256 * 1024
 # encodings/*.py made by Tools/unicode/gencodec.py are mostly 256-entry decoding tables
 GENERATED_MARKERS = ("generated from", "gencodec.py")
 from edgephi.tokenizer import PHI3_CHAT_TEMPLATE as CHAT_TEMPLATE  # noqa: E402  (Phi-3's published one)
+from edgephi.benchmarks.loss_curve import write_loss  # noqa: E402
+# Where onnxruntime-genai (onnxruntime-extensions' SpmTokenize, "no-op pre-tokenizer" branch) may cut the text
+# into chunks before BPE: before one of these characters that follows a character not among them (it cuts there
+# once a chunk holds more than 10 characters, and any chunk at 100+ characters without such a place).  A space is
+# "▁" after the normalizer.
+SPLIT_CHARS = "\u2581\r\n"
+# Shipped as tokenizer.json's pre_tokenizer.  For transformers (and edgephi, which runs it) it does nothing: the
+# normalizer has turned every " " into "▁" before the pre-tokenizer runs, so there is no " " left to split at.  A
+# top-level Split on a String is what makes onnxruntime-genai take its no-op branch (split only as above) instead of
+# the Llama-3 regex it applies when tokenizer.json has no pre_tokenizer, which cuts letters from digits and
+# punctuation ("self." | "_key" becomes "self" | "._" | "key").  llama.cpp ignores it (the GGUF export reads this
+# tokenizer as SentencePiece-style, "llama").
+OG_NOOP_PRE_TOKENIZER = {"type": "Split", "pattern": {"String": " "}, "behavior": "Isolated", "invert": False}
 MODEL = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2)
 
@@ -96,13 +115,18 @@ def split(files, seed: int):
 
 
 # ---- tokenizer --------------------------------------------------------------------------------------------------
-def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
+def train_tokenizer(texts: list[str], vocab_size: int, pre_tokenizer: str = "split") -> Tokenizer:
     """SentencePiece-style BPE (Llama / Phi-3 layout: "▁" for space, byte fallback), trained on lines.
 
-    Lines keep their "\\n", so merges such as ":\\n" are learned but none crosses a line break; encoding a whole
-    file without a pre-tokenizer then gives the same pieces as training saw."""
+    ``pre_tokenizer="split"``: whole files, cut before every whitespace run (see the module docstring); the returned
+    tokenizer carries OG_NOOP_PRE_TOKENIZER, which changes nothing for transformers.  ``"none"``: lines (keeping
+    their "\\n", so ":\\n" is learned but no merge crosses a line break) with no pre-tokenizer, as the older model."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "\u2581")
+    if pre_tokenizer == "split":
+        tok.pre_tokenizer = pre_tokenizers.Split(Regex(f"[{SPLIT_CHARS}]+"), behavior="merged_with_next")
+    elif pre_tokenizer != "none":
+        raise ValueError(f"pre_tokenizer {pre_tokenizer!r}: 'split' or 'none'")
     trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(BYTE_PIECES), special_tokens=SPECIALS,
                                   limit_alphabet=160, max_token_length=16, show_progress=False)
 
@@ -110,9 +134,10 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
         for t in texts:
             yield from t.splitlines(keepends=True)
 
-    tok.train_from_iterator(lines(), trainer)
+    tok.train_from_iterator(texts if pre_tokenizer == "split" else lines(), trainer)
     # Re-number: specials, then the 256 byte pieces (as Llama's tokenizer.json), then the learned pieces.
     spec = json.loads(tok.to_str())
+    spec["pre_tokenizer"] = OG_NOOP_PRE_TOKENIZER if pre_tokenizer == "split" else None
     learned = sorted(spec["model"]["vocab"].items(), key=lambda kv: kv[1])
     vocab = {s: i for i, s in enumerate(SPECIALS)}
     for b in BYTE_PIECES:
@@ -127,11 +152,19 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
          "normalized": False, "special": True} for s in SPECIALS]
     spec["decoder"] = json.loads(decoders.Sequence([
         decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]).__getstate__())
+    if pre_tokenizer == "split":
+        bad = [p for p in vocab if not chunk_piece(p)]
+        assert not bad, f"pieces with whitespace after another character: {bad[:10]}"
     out = Tokenizer.from_str(json.dumps(spec))
     eot = vocab["<|endoftext|>"]
     out.post_processor = processors.TemplateProcessing(
         single="<|endoftext|> $A", pair="<|endoftext|> $A <|endoftext|> $B", special_tokens=[("<|endoftext|>", eot)])
     return out
+
+
+def chunk_piece(piece: str) -> bool:
+    """Whether a piece stays inside one chunk of onnxruntime-genai's split: whitespace only at its beginning."""
+    return not any(c in SPLIT_CHARS and piece[i - 1] not in SPLIT_CHARS for i, c in enumerate(piece) if i)
 
 
 def tokenizer_config() -> dict:
@@ -243,36 +276,6 @@ def train(args, train_ids: np.ndarray, val_ids: np.ndarray, vocab_size: int, eot
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------
-def write_loss(rows: list, csv_path: Path, png_path: Path) -> None:
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, "w") as f:
-        f.write("step,tokens,seconds,lr,train_loss,val_loss\n")
-        for r in rows:
-            f.write(",".join("" if r[k] is None else str(r[k])
-                             for k in ("step", "tokens", "seconds", "lr", "train_loss", "val_loss")) + "\n")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tr = [(r["tokens"], r["train_loss"]) for r in rows if r["train_loss"] is not None]
-    va = [(r["tokens"], r["val_loss"]) for r in rows if r["val_loss"] is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([t for t, _ in tr], [l for _, l in tr], lw=0.6, alpha=0.5, label="train (batch)")
-    if len(tr) > 20:
-        k = 20
-        sm = np.convolve([l for _, l in tr], np.ones(k) / k, mode="valid")
-        ax.plot([t for t, _ in tr][k - 1:], sm, lw=1.5, label=f"train ({k}-step mean)")
-    if va:
-        ax.plot([t for t, _ in va], [l for _, l in va], "o-", ms=3, label="validation (held-out stdlib files)")
-    ax.set_xlabel("training tokens")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("edgephi default model: Phi-3 arch, stdlib Python, CPU")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-
-
 def save(model, tok: Tokenizer, out: Path, recipe: dict, training: dict) -> None:
     from transformers import GenerationConfig
 
@@ -319,6 +322,10 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=float, default=0.03, help="fraction of the run")
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pre-tokenizer", choices=("split", "none"), default="split",
+                    help="vocabulary: 'split' = cut before every whitespace run while training (no piece has "
+                         "whitespace after another character, as onnxruntime-genai's tokenizer needs) or 'none' "
+                         "(the older vocabulary)")
     ap.add_argument("--init", type=Path, default=None,
                     help="continue from this checkpoint (its tokenizer too) instead of a fresh model")
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -335,7 +342,7 @@ def main(argv=None) -> int:
     if args.init:  # same files and seed give the same split; reuse the checkpoint's tokenizer
         tok = Tokenizer.from_file(str(args.init / "tokenizer.json"))
     else:
-        tok = train_tokenizer([t for _, t in train_files], VOCAB_SIZE)
+        tok = train_tokenizer([t for _, t in train_files], VOCAB_SIZE, args.pre_tokenizer)
     vocab_size = tok.get_vocab_size()
     train_ids = encode_docs(tok, [t for _, t in train_files])
     val_ids = encode_docs(tok, [t for _, t in val_files])
@@ -362,14 +369,16 @@ def main(argv=None) -> int:
     training = {
         "command": "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:]),
         "replay": f"python benchmarks/train_default_model.py --out {args.out} --steps {steps} "
-                  f"--seq {args.seq} --batch {args.batch} --lr {args.lr} --warmup {args.warmup} --threads {args.threads}",
+                  f"--seq {args.seq} --batch {args.batch} --lr {args.lr} --warmup {args.warmup} --threads {args.threads} "
+                  f"--pre-tokenizer {args.pre_tokenizer}",
         "steps": steps, "train_seconds": round(seconds, 1), "tokens_seen": steps * args.seq * args.batch,
         "epochs": round(steps * args.seq * args.batch / len(train_ids), 3),
         "final_val_loss_nats_per_token": round(final_val, 4),
         "optimizer": {"name": "AdamW", "lr": args.lr, "betas": [0.9, 0.95], "weight_decay": 0.1, "clip": 1.0,
                       "schedule": f"linear warmup {args.warmup:.0%}, cosine to 10%"},
         "seq": args.seq, "batch": args.batch, "threads": args.threads, "dtype": "fp32 training, fp16 stored",
-        "model": MODEL, "vocab_size": vocab_size, "seed": SEED, "init": str(args.init) if args.init else None,
+        "model": MODEL, "vocab_size": vocab_size, "tokenizer_pre_tokenizer": args.pre_tokenizer,
+        "train_bytes_per_token": round(n_bytes / len(train_ids), 3), "seed": SEED, "init": str(args.init) if args.init else None,
         "machine": f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, torch {torch.__version__}",
         "git_commit": git_commit(),
     }
