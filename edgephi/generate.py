@@ -103,7 +103,7 @@ def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: S
         raise ContextFullError(f"context full: the prompt needs {len(prompt_ids)} tokens but the context holds "
                                f"{session.n_ctx}")
     detok = tokenizer.detokenizer(skip_special_tokens=True)
-    text_so_far = ""
+    text_so_far, emitted = "", 0  # emitted: the characters of text_so_far yielded so far
     n_gen, t_first, prompt_tps = 0, None, 0.0
     finish = "length"
     stats = speculator.stats if speculator is not None else None
@@ -117,21 +117,27 @@ def stream(session: Session, tokenizer, prompt_ids: Sequence[int], *, sampler: S
             finish = "stop"
             break
         n_gen += 1
-        piece = detok.add(tok)
-        text_so_far += piece
-        hit = next((s for s in stop_strings if s in text_so_far), None)
-        if hit is not None:  # emit up to the stop string, not past it
-            cut = text_so_far.index(hit)
-            piece = piece[: max(0, len(piece) - (len(text_so_far) - cut))]
+        text_so_far += detok.add(tok)
+        hits = [i for i in (text_so_far.find(s, max(0, emitted - len(s))) for s in stop_strings) if i >= 0]
+        if hits:  # emit up to the (earliest) stop string, not past it
             finish = "stop"
-            yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
+            cut = max(emitted, min(hits))
+            yield _response(text_so_far[emitted:cut], tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
             break
-        yield _response(piece, tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
+        end = len(text_so_far) - _held(text_so_far, stop_strings)  # a stop string's beginning waits for its end
+        yield _response(text_so_far[emitted:end], tok, len(new), n_gen, start, t_first, prompt_tps, None, stats)
+        emitted = end
     else:
         if n_gen < max_tokens:
             finish = "context"
-    tail = detok.flush() if finish != "stop" else ""
+    tail = text_so_far[emitted:] + detok.flush() if finish != "stop" else ""
     yield _response(tail, None, len(new), n_gen, start, t_first or time.perf_counter(), prompt_tps, finish, stats)
+
+
+def _held(text: str, stop_strings: Sequence[str]) -> int:
+    """Length of the longest end of `text` that begins a stop string (held back until it is decided)."""
+    return max((k for s in stop_strings for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])), default=0)
 
 
 def _response(text, tok, n_prompt, n_gen, start, t_first, prompt_tps, finish, stats=None) -> GenerationResponse:
