@@ -132,12 +132,52 @@ def task_tasks(a) -> dict:
     return {"tasks": out}
 
 
+def planned_speculator():
+    """A Speculator judging drafts against the reference run instead of the argmax: the same forwards, rewinds and
+    processors, at exactly the replayed acceptance rate.  The random-weight shape checkpoint's logits have exact
+    ties (its embedding rows repeat), which a multi-token kernel and a one-token kernel break differently, so the
+    argmax rule would measure tie-breaking, not the mechanics."""
+    import numpy as np
+
+    from edgephi.speculate import Speculator
+
+    class Planned(Speculator):
+        def __init__(self, reference, prefix_len, drafter, **kw):
+            super().__init__(drafter, **kw)
+            self.ref, self.prefix_len, self.pos = list(reference), prefix_len, 0
+
+        def _want(self, i: int, logits) -> int:
+            best = int(np.argmax(logits))  # the greedy rule's work, then the reference's token
+            return self.ref[i] if i < len(self.ref) else best
+
+        def sample(self, logits) -> int:  # plain steps (and the first token)
+            self.pos += 1
+            return self._want(self.pos - 1, logits)
+
+        def _judge(self, tokens, drafts, q, rows, processors):
+            i0, out, ctx = len(tokens) - self.prefix_len, [], list(tokens)
+            for i in range(len(drafts) + 1):
+                logits = rows[i]
+                for proc in processors:
+                    logits = proc(ctx, logits)
+                tok = self._want(i0 + i, logits)
+                out.append((tok, logits))
+                ctx.append(tok)
+                if i == len(drafts) or drafts[i] != tok:
+                    break
+            self.pos = i0 + len(out)
+            return out
+
+    return Planned
+
+
 def task_verify(a) -> dict:
     """Per round: each k's forward cost (k + 1 tokens after a context), then each acceptance setting's decode."""
     from edgephi.drafters import NgramDrafter, ReplayDrafter
     from edgephi.generate import stream
     from edgephi.speculate import Speculator
 
+    PlannedSpeculator = planned_speculator()
     model, _ = edgephi_engine(a)
     s = model.session
     ctx = prompt_ids(a.context, 0, a.vocab_lo, a.vocab_hi)
@@ -168,10 +208,11 @@ def task_verify(a) -> dict:
             elif key == "ngram":  # prompt lookup on free text of random weights: drafts (almost) never hit
                 spec = Speculator(NgramDrafter(), k=a.k0, k_max=a.k_max)
             else:
-                spec = Speculator(ReplayDrafter(len(ctx), plain, miss=float(key), seed=rnd, vocab=a.vocab_hi),
-                                  k=a.k0, k_max=a.k_max)
+                spec = PlannedSpeculator(plain, len(ctx), ReplayDrafter(len(ctx), plain, miss=float(key), seed=rnd,
+                                                                        vocab=a.vocab_hi), k=a.k0, k_max=a.k_max)
             last = None
-            for r in stream(s, model.tokenizer, ctx, max_tokens=a.gen, cached=ctx[:-1], speculator=spec):
+            for r in stream(s, model.tokenizer, ctx, max_tokens=a.gen, cached=ctx[:-1], speculator=spec,
+                            **({"sampler": spec.sample} if isinstance(spec, PlannedSpeculator) else {})):
                 last = r
             runs[key]["tps"].append(last.generation_tps)
             if spec is not None:
