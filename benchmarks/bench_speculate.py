@@ -58,7 +58,7 @@ def files(bundle: Path) -> dict:
 
 
 def meta(args, part: str) -> dict:
-    return {"part": part, "command": " ".join(["python -m edgephi.benchmarks.bench_speculate"] + sys.argv[1:]),
+    return {"part": part, "command": " ".join(["python -m edgephi.benchmarks.bench_speculate"] + args.argv),
             "bundle": str(args.bundle), "machine": machine(), "versions": versions(),
             "commit": commit(Path(__file__).resolve().parents[1]), "load_before": load_average(),
             "started": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
@@ -258,6 +258,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="memory: keep the subjects a previous run finished")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # as run (also through `edgephi bench --speculate`)
     vocab = json.loads((args.bundle / "manifest.json").read_text())["spec"]["vocab_size"]
     VOCAB_HI[:] = ["--vocab-hi", str(min(int(vocab) - 100, 32000))]
     PARTS[args.part](args)
