@@ -57,12 +57,7 @@ def load_server(bundle=None, *, parallel: int = 1, device: str = "auto", format:
             options["threads"] = threads
         for _ in range(parallel - 1):
             sessions.append(model.choice.backend.open(model.path, model.manifest, model.device, **options))
-    except BaseException:
-        for s in sessions:
-            s.close()
-        raise
-    prefix = None
-    try:
+        prefix = None
         if prompt_cache is not None:
             from ..prompt_cache import load as load_cache
 
