@@ -40,6 +40,19 @@ async function ask(page, text, n) {
   });
 }
 
+// The service worker stores each response while the page reads it (cache.put under waitUntil): wait until every
+// same-origin file this page fetched is in Cache Storage before the server goes, or a large file (the WASM binary,
+// the model) may still be on its way into the cache.
+async function cached(page) {
+  return page.waitForFunction(async () => {
+    const cache = await caches.open('edgephi-v1');
+    const urls = performance.getEntriesByType('resource').map((e) => e.name)
+      .filter((u) => u.startsWith(location.origin + '/'));
+    const hits = await Promise.all([location.href, ...urls].map((u) => cache.match(u)));
+    return urls.length > 0 && hits.every(Boolean) && urls;
+  }, { timeout: 60_000, polling: 200 }).then((h) => h.jsonValue());
+}
+
 test('the page streams the Python backend\'s greedy answer, keeps the conversation, then works offline', async () => {
   const own = await startServer(FIXTURES);  // stopped half-way: the page must go on from its cache
   const url = `${own.url}/index.html?bundle=/bundles/default/`;
@@ -59,6 +72,8 @@ test('the page streams the Python backend\'s greedy answer, keeps the conversati
     await page.close();
     page = await open(url);
     assert.equal(await page.evaluate(() => navigator.serviceWorker.controller !== null), true);
+    const stored = await cached(page);
+    for (const want of [/\.wasm$/, /\/web\/model\.onnx$/]) assert.ok(stored.some((u) => want.test(u)), `${want} cached`);
     await own.close();
     await page.close();
     page = await open(url);
