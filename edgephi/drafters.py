@@ -5,7 +5,7 @@ in one forward.  propose() returns (drafts, q): q is None when the drafts are de
 greedy draft model), else (len(drafts), V) float64 probabilities each draft was sampled from (the q of
 speculative sampling).
 
-Draft length adapts to the acceptance rate (AdaptiveK): all accepted → +2, else the accepted count + 1, and after a
+Draft length adapts to the acceptance rate (AdaptiveK): all accepted → doubled (at least +2), else the accepted count + 1, and after a
 round where nothing was accepted drafting pauses for a number of tokens that doubles with each such round (reset
 on the next acceptance), so text where drafts miss runs at plain decoding's speed.  The length is then capped where
 the expected tokens per second peak, from the measured time of the target's forwards by their token count (a
@@ -71,7 +71,7 @@ class AdaptiveK:
             return
         self.rate = 0.8 * self.rate + 0.2 * accepted / drafted
         if accepted == drafted:
-            self.k = min(self.k_max, self.k + 2)
+            self.k = min(self.k_max, max(self.k + 2, 2 * self.k))  # a run of hits reaches k_max in a few rounds
         else:
             self.k = max(1, accepted + 1)
         if accepted == 0:

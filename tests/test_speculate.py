@@ -108,7 +108,11 @@ def test_verify_calls_never_cross_the_longrope_switch():
 def test_adaptive_k_grows_on_hits_and_pauses_on_misses():
     c = AdaptiveK(4, 16)
     c.update(4, 4)
-    assert c.next_k() == 6
+    assert c.next_k() == 8
+    c.update(8, 8)
+    assert c.next_k() == 16
+    c.update(16, 16)
+    assert c.next_k() == 16  # k_max
     c.update(6, 2)
     assert c.next_k() == 3
     c.update(3, 0)
