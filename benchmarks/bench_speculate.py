@@ -141,7 +141,13 @@ def cmd_tasks(args) -> None:
     subjects = [("edgephi onnx", ["--runner", "edgephi", "--path", str(args.bundle), "--format", "onnx"]),
                 ("edgephi gguf", ["--runner", "edgephi", "--path", str(args.bundle), "--format", "gguf"]),
                 ("llama.cpp", ["--runner", "llamacpp", "--path", str(f["gguf"])]),
-                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)])]
+                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)]),
+                # the file mapped, as before edgephi read the weights on CPU (mmap=auto), and the peer reading them
+                ("edgephi gguf (f16, full), mmap on", ep + ["--format", "gguf", "--load-option", "mmap=on"]),
+                ("edgephi gguf q8_0 + kv_ring, mmap on", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0",
+                                                              "--load-option", "kv_ring=1", "--load-option", "mmap=on"]),
+                ("llama.cpp (f16), no mmap", ["--runner", "llamacpp", "--path", str(f["gguf"]), "--load-option",
+                                              "use_mmap=0"])]
     runs = [(name, spec, a) for name, a in subjects for spec in (False, True)]
     for rnd in range(args.rounds):
         for name, spec, a in rotate(runs, rnd):
@@ -206,7 +212,7 @@ def cmd_memory(args) -> None:
     ep = ["--runner", "edgephi", "--path", str(args.bundle)]
     subjects = [("edgephi onnx (f32, full)", ep + ["--format", "onnx"]),
                 ("edgephi onnx kv_ring", ep + ["--format", "onnx", "--load-option", "kv_ring=1"]),
-                ("edgephi gguf (f16, full)", ep + ["--format", "gguf"]),
+                ("edgephi gguf (f16, full)", ep + ["--format", "gguf"]),  # weights read (mmap=auto on CPU)
                 ("edgephi gguf kv_type=q8_0", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0"]),
                 ("edgephi gguf kv_ring", ep + ["--format", "gguf", "--load-option", "kv_ring=1"]),
                 ("edgephi gguf q8_0 + kv_ring", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0",
@@ -215,7 +221,13 @@ def cmd_memory(args) -> None:
                 ("llama.cpp (q8_0 K and V)", ["--runner", "llamacpp", "--path", str(f["gguf"]), "--load-option",
                                               "type_k=8", "--load-option", "type_v=8", "--load-option",
                                               "flash_attn=1"]),
-                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)])]
+                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)]),
+                # the file mapped, as before edgephi read the weights on CPU (mmap=auto), and the peer reading them
+                ("edgephi gguf (f16, full), mmap on", ep + ["--format", "gguf", "--load-option", "mmap=on"]),
+                ("edgephi gguf q8_0 + kv_ring, mmap on", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0",
+                                                              "--load-option", "kv_ring=1", "--load-option", "mmap=on"]),
+                ("llama.cpp (f16), no mmap", ["--runner", "llamacpp", "--path", str(f["gguf"]), "--load-option",
+                                              "use_mmap=0"])]
     only = set(args.only.split(",")) if args.only else None
     partial = Path(args.out or RESULTS) / ".spec_memory_partial.jsonl"  # one row per finished subject
     done = {}

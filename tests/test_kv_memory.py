@@ -125,3 +125,23 @@ def test_q8_0_cache_on_the_plain_context(variant, tiny_bundles, tiny_checkpoint,
         check(forced(model.session, prompt, ref_toks), ref_logits, Q8_TOL)
     finally:
         model.close()
+
+
+def test_llamacpp_reads_the_weights_on_cpu_instead_of_mapping_them(tiny_bundles):
+    """mmap="auto" on CPU reads the GGUF (llama.cpp repacks the weights, so a mapping would keep a second copy
+    resident); "on" maps it; both compute the same logits; other values are refused."""
+    path = tiny_bundles("phi-3-mini-4k", ("onnx", "gguf"))
+    prompt = tiny.random_prompt(24, 32064, seed=6)
+    logits = {}
+    for mode in ("auto", "on"):
+        model = load(path, "gguf", mmap=mode)
+        try:
+            gguf = str(next((path / "gguf").glob("*.gguf")).resolve())
+            mapped = any(line.rstrip().endswith(gguf) for line in open("/proc/self/maps"))
+            assert mapped == (mode == "on"), f"mmap={mode}: mapped={mapped}"
+            logits[mode] = model.session.forward(prompt, all_logits=True)
+        finally:
+            model.close()
+    np.testing.assert_array_equal(logits["auto"], logits["on"])
+    with pytest.raises(ValueError, match="mmap='yes'; choose one of auto, on, off"):
+        load(path, "gguf", mmap="yes")

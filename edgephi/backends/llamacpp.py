@@ -61,7 +61,7 @@ class LlamaCppSession(Session):
 
     def __init__(self, model_path: Path, *, n_ctx: int, n_threads: int, n_gpu_layers: int,
                  sliding_window: int | None, n_batch: int = DEFAULT_BATCH, flash_attn: str = "auto",
-                 kv_type: str = "f16", ring: bool = False):
+                 kv_type: str = "f16", ring: bool = False, mmap: bool = True):
         import llama_cpp
 
         fmt.quiet_llama_logs()
@@ -69,6 +69,10 @@ class LlamaCppSession(Session):
         llama_cpp.llama_backend_init()
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
+        if hasattr(mparams, "load_mode"):  # llama-cpp-python >= 0.3.30; before it a use_mmap flag
+            mparams.load_mode = llama_cpp.LLAMA_LOAD_MODE_MMAP if mmap else llama_cpp.LLAMA_LOAD_MODE_NONE
+        else:
+            mparams.use_mmap = mmap
         self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), mparams)
         if not self._model:
             raise ValueError(f"{model_path}: llama.cpp could not load this GGUF file (corrupt, or an architecture "
@@ -220,7 +224,7 @@ class LlamaCppBackend(Backend):
     def open(cls, bundle_dir: Path, manifest: Any, device: str, *, n_ctx: int | None = None,
              threads: int | None = None, n_batch: int = DEFAULT_BATCH, sliding_window: str = "exact",
              flash_attn: str | None = None, kv_type: str = "f16", kv_ring: bool = False,
-             **options) -> LlamaCppSession:
+             mmap: str = "auto", **options) -> LlamaCppSession:
         """Options: n_ctx (default: edgephi.formats.default_n_ctx of the model's context), threads (default: physical cores),
         n_batch, sliding_window ("exact" | "cap" | "off"), flash_attn ("auto": llama.cpp decides, "on", "off";
         default "off" on CPU, "auto" on Metal/CUDA).
@@ -231,7 +235,12 @@ class LlamaCppBackend(Backend):
 
         kv_type ("f16" | "q8_0": llama.cpp's 8-bit K and V cache, half the memory; a quantized V cache needs flash
         attention, so q8_0 turns it on), kv_ring (False: True keeps only the sliding window + RING_SLACK cells
-        for models with a window, so memory stops growing past it; see llamacpp_window.py)."""
+        for models with a window, so memory stops growing past it; see llamacpp_window.py).
+
+        mmap ("auto" | "on" | "off"; auto: off on CPU, on with a GPU): on a CPU llama.cpp repacks most quantized
+        weights into its own buffers for its faster kernels, so a mapped file keeps a second, file-backed copy of
+        them resident (Phi-3-mini Q4_K_M: 3.88 GB RSS mapped, 2.42 GB read, same kernels); reading the file once
+        avoids it."""
         if kv_type not in KV_TYPES:
             raise ValueError(f"kv_type={kv_type!r}; choose one of {', '.join(KV_TYPES)}")
         if flash_attn is None:
@@ -241,7 +250,9 @@ class LlamaCppBackend(Backend):
                              "with it); leave flash_attn unset or 'on'")
         if options:
             raise ValueError(f"llamacpp backend: unknown option(s) {', '.join(sorted(options))}; "
-                             "known: n_ctx, threads, n_batch, sliding_window, flash_attn, kv_type, kv_ring")
+                             "known: n_ctx, threads, n_batch, sliding_window, flash_attn, kv_type, kv_ring, mmap")
+        if mmap not in ("auto", "on", "off"):
+            raise ValueError(f"mmap={mmap!r}; choose one of auto, on, off")
         if flash_attn not in FLASH_ATTN_MODES:
             raise ValueError(f"flash_attn={flash_attn!r}; choose one of {', '.join(FLASH_ATTN_MODES)}")
         if sliding_window not in SLIDING_WINDOW_MODES:
@@ -272,7 +283,8 @@ class LlamaCppBackend(Backend):
                      "long" if n_ctx > orig else "short", n_ctx, ">" if n_ctx > orig else "<=", orig, orig)
         return LlamaCppSession(path, n_ctx=n_ctx, n_threads=threads or physical_cores(),
                                n_gpu_layers=-1 if device in _GPU_DEVICES else 0, sliding_window=window,
-                               n_batch=n_batch, flash_attn=flash_attn, kv_type=kv_type, ring=kv_ring)
+                               n_batch=n_batch, flash_attn=flash_attn, kv_type=kv_type, ring=kv_ring,
+                               mmap=mmap == "on" or (mmap == "auto" and device in _GPU_DEVICES))
 
 
 def open_gguf(path: str | Path, spec=None, *, device: str = "cpu", **options) -> LlamaCppSession:
