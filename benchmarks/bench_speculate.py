@@ -141,13 +141,7 @@ def cmd_tasks(args) -> None:
     subjects = [("edgephi onnx", ["--runner", "edgephi", "--path", str(args.bundle), "--format", "onnx"]),
                 ("edgephi gguf", ["--runner", "edgephi", "--path", str(args.bundle), "--format", "gguf"]),
                 ("llama.cpp", ["--runner", "llamacpp", "--path", str(f["gguf"])]),
-                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)]),
-                # the file mapped, as before edgephi read the weights on CPU (mmap=auto), and the peer reading them
-                ("edgephi gguf (f16, full), mmap on", ep + ["--format", "gguf", "--load-option", "mmap=on"]),
-                ("edgephi gguf q8_0 + kv_ring, mmap on", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0",
-                                                              "--load-option", "kv_ring=1", "--load-option", "mmap=on"]),
-                ("llama.cpp (f16), no mmap", ["--runner", "llamacpp", "--path", str(f["gguf"]), "--load-option",
-                                              "use_mmap=0"])]
+                ("onnxruntime-genai", ["--runner", "genai", "--path", str(f["onnx"].parent)])]
     runs = [(name, spec, a) for name, a in subjects for spec in (False, True)]
     for rnd in range(args.rounds):
         for name, spec, a in rotate(runs, rnd):
