@@ -201,6 +201,34 @@ def test_unwritable_cache_only_costs_speed(onnx_export, tmp_path, monkeypatch):
         assert not any(key_dir.iterdir())
 
 
+def test_optimized_graph_cache_is_bounded(onnx_export, tmp_path, monkeypatch):
+    """A new entry prunes the least recently used ones beyond EDGEPHI_ONNX_CACHE_GB; a used entry counts as new;
+    the entry just made always stays."""
+    import os
+
+    from edgephi.backends.onnx import optimized_path, prune_cache
+
+    root = tmp_path / "home" / "onnx"
+    old = {}
+    for i, name in enumerate(("a", "b", "c")):  # 1 MiB each, used 3, 2, 1 hours ago
+        (root / name).mkdir(parents=True)
+        (root / name / "model.opt.onnx.data").write_bytes(b"\0" * 2**20)
+        old[name] = root / name
+        t = 1_700_000_000 + 3600 * i
+        os.utime(root / name, (t, t))
+    assert prune_cache(root, keep=root / "a", max_bytes=2 * 2**20 + 10) == [root / "b"]  # "a" kept though oldest
+    assert sorted(p.name for p in root.iterdir()) == ["a", "c"]
+    monkeypatch.setenv("EDGEPHI_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("EDGEPHI_ONNX_CACHE_GB", "0.000001")  # about 1 KiB: no room but for the entry just made
+    d = onnx_export("phi-3-medium", 32)
+    first = OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7])
+    entry = optimized_path(d / "model.onnx", "CPUExecutionProvider").parent
+    assert [p.name for p in root.iterdir()] == [entry.name]  # both old entries went, the new one stayed
+    os.utime(entry, (1_700_000_000, 1_700_000_000))
+    assert np.array_equal(OnnxSession(d, n_ctx=16, threads=1).forward([5, 6, 7]), first)  # a cache hit
+    assert entry.stat().st_mtime > 1_700_000_000  # marked as used
+
+
 def test_missing_tensor_names_the_file(tiny_checkpoint, tmp_path):
     from safetensors.numpy import load_file, save_file
 

@@ -8,7 +8,9 @@ decode step copies nothing and rewind() only lowers n_past.
 The first load saves the optimized graph (ORT_ENABLE_EXTENDED: portable across machines of one kind) in the user
 cache ($EDGEPHI_HOME/onnx), keyed by the graph's sha256, the weights file's size and time, onnxruntime's version
 and the provider; later loads open it directly.  The bundle itself is never written (it may be read-only, as an
-app's is), and a cache that cannot be written only costs load time.
+app's is), and a cache that cannot be written only costs load time.  The cache is bounded: each use marks its
+entry, and after a new entry is saved the least recently used ones go until the rest fit in
+$EDGEPHI_ONNX_CACHE_GB (default 8; the entry just made always stays), so re-exported bundles do not fill the disk.
 """
 from __future__ import annotations
 
@@ -75,7 +77,9 @@ def make_session(model_path: Path, provider: str, threads: int | None = None, ca
     opt = optimized_path(model_path, provider) if cache else None
     if opt is not None and opt.is_file():
         try:
-            return ort.InferenceSession(str(opt), _session_options(threads, None), providers=providers)
+            sess = ort.InferenceSession(str(opt), _session_options(threads, None), providers=providers)
+            _touch(opt.parent)
+            return sess
         except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types; rebuild on any
             log.warning("%s: cached optimized graph unusable (%s); rebuilding it", opt, e)
             _remove(opt)
@@ -106,11 +110,52 @@ def make_session(model_path: Path, provider: str, threads: int | None = None, ca
     if tmp is not None and tmp.is_file():
         try:
             _rename_optimized(tmp, opt)
+            prune_cache(opt.parent.parent, keep=opt.parent)
         except Exception as e:  # noqa: BLE001 - a full disk can also leave a truncated graph (onnx's DecodeError)
             log.info("could not keep the optimized graph in %s (%s)", opt.parent, e)
             for p in (tmp, opt, opt.with_suffix(".onnx.tmp")):
                 _remove(p)
     return sess
+
+
+def _touch(entry: Path) -> None:
+    try:
+        os.utime(entry)
+    except OSError:
+        pass
+
+
+def prune_cache(root: Path, keep: Path, max_bytes: int | None = None) -> list[Path]:
+    """Remove the least recently used entries of the optimized-graph cache `root` beyond max_bytes (default
+    $EDGEPHI_ONNX_CACHE_GB GB, 8); `keep` always stays.  Returns the removed entries."""
+    import shutil
+
+    if max_bytes is None:
+        try:
+            max_bytes = int(float(os.environ.get("EDGEPHI_ONNX_CACHE_GB") or 8) * 2**30)
+        except ValueError:
+            log.warning("EDGEPHI_ONNX_CACHE_GB=%r is not a number: using 8", os.environ["EDGEPHI_ONNX_CACHE_GB"])
+            max_bytes = 8 * 2**30
+    entries = []
+    try:
+        for d in root.iterdir():
+            if d.is_dir() and not d.is_symlink():
+                entries.append((d.stat().st_mtime, sum(f.stat().st_size for f in d.iterdir() if f.is_file()), d))
+    except OSError:
+        return []
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, d in sorted(entries, key=lambda e: e[0]):  # oldest use first
+        if total <= max_bytes:
+            break
+        if d == keep:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        total -= size
+        removed.append(d)
+    if removed:
+        log.info("optimized-graph cache %s: removed %d least recently used entries", root, len(removed))
+    return removed
 
 
 def _remove(path: Path) -> None:
