@@ -155,7 +155,16 @@ def test_sigint_during_the_coremltools_import_is_not_swallowed(tmp_path, home):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
-def test_a_swallowed_or_held_interrupt_still_stops_the_export():
+@pytest.fixture
+def python_sigint():
+    """SIGINT as the CLI sets it (edgephi/cli.py: Python's default handler), whatever an earlier test in this
+    process left installed (a clean-clone run once found a handler there that did not raise); restored after."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
+def test_a_swallowed_or_held_interrupt_still_stops_the_export(python_sigint):
     with staging.Interrupts() as interrupts:
         try:  # a library's bare `except:` eats the KeyboardInterrupt
             os.kill(os.getpid(), signal.SIGINT)
