@@ -5,12 +5,12 @@ in one forward.  propose() returns (drafts, q): q is None when the drafts are de
 greedy draft model), else (len(drafts), V) float64 probabilities each draft was sampled from (the q of
 speculative sampling).
 
-Draft length adapts to the acceptance rate (AdaptiveK): all accepted → doubled (at least +2), else the accepted count + 1, and after a
-round where nothing was accepted drafting pauses for a number of tokens that doubles with each such round (reset
-on the next acceptance), so text where drafts miss runs at plain decoding's speed.  The length is then capped where
-the expected tokens per second peak, from the measured time of the target's forwards by their token count (a
-CPU verifies a long draft at prefill speed: past a few tokens a longer draft costs more than it can save) and the
-acceptance rate so far.
+Draft length adapts to the acceptance rate (AdaptiveK): all accepted → doubled (at least +2), else the accepted
+count + 1, and after a round where nothing was accepted drafting pauses for a number of tokens that doubles with
+each such round (reset on the next acceptance), so text where drafts miss runs at plain decoding's speed.  The
+length is then capped where the expected tokens per second peak, from the measured time of the target's forwards
+by their token count (a CPU verifies a long draft at prefill speed: past a few tokens a longer draft costs more
+than it can save) and the acceptance rate so far.
 """
 from __future__ import annotations
 

@@ -209,11 +209,9 @@ def test_optimized_graph_cache_is_bounded(onnx_export, tmp_path, monkeypatch):
     from edgephi.backends.onnx import optimized_path, prune_cache
 
     root = tmp_path / "home" / "onnx"
-    old = {}
     for i, name in enumerate(("a", "b", "c")):  # 1 MiB each, used 3, 2, 1 hours ago
         (root / name).mkdir(parents=True)
         (root / name / "model.opt.onnx.data").write_bytes(b"\0" * 2**20)
-        old[name] = root / name
         t = 1_700_000_000 + 3600 * i
         os.utime(root / name, (t, t))
     assert prune_cache(root, keep=root / "a", max_bytes=2 * 2**20 + 10) == [root / "b"]  # "a" kept though oldest

@@ -37,6 +37,7 @@ SLIDING_WINDOW_MODES = ("exact", "cap", "off")
 KV_TYPES = {"f16": 1, "q8_0": 8}  # kv_type option -> ggml type of the K and V cache (GGML_TYPE_F16, GGML_TYPE_Q8_0)
 RING_SLACK = 64  # kv_ring: cells beyond the sliding window, for rewinds (speculation rewinds at most 17)
 FLASH_ATTN_MODES = ("auto", "on", "off")
+MMAP_MODES = ("auto", "on", "off")  # auto: off on CPU, on with a GPU (LlamaCppBackend.open)
 _GPU_DEVICES = ("metal", "cuda")
 
 
@@ -251,8 +252,8 @@ class LlamaCppBackend(Backend):
         if options:
             raise ValueError(f"llamacpp backend: unknown option(s) {', '.join(sorted(options))}; "
                              "known: n_ctx, threads, n_batch, sliding_window, flash_attn, kv_type, kv_ring, mmap")
-        if mmap not in ("auto", "on", "off"):
-            raise ValueError(f"mmap={mmap!r}; choose one of auto, on, off")
+        if mmap not in MMAP_MODES:
+            raise ValueError(f"mmap={mmap!r}; choose one of {', '.join(MMAP_MODES)}")
         if flash_attn not in FLASH_ATTN_MODES:
             raise ValueError(f"flash_attn={flash_attn!r}; choose one of {', '.join(FLASH_ATTN_MODES)}")
         if sliding_window not in SLIDING_WINDOW_MODES:

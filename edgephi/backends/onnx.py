@@ -110,11 +110,12 @@ def make_session(model_path: Path, provider: str, threads: int | None = None, ca
     if tmp is not None and tmp.is_file():
         try:
             _rename_optimized(tmp, opt)
-            prune_cache(opt.parent.parent, keep=opt.parent)
         except Exception as e:  # noqa: BLE001 - a full disk can also leave a truncated graph (onnx's DecodeError)
             log.info("could not keep the optimized graph in %s (%s)", opt.parent, e)
             for p in (tmp, opt, opt.with_suffix(".onnx.tmp")):
                 _remove(p)
+        else:
+            prune_cache(opt.parent.parent, keep=opt.parent)
     return sess
 
 
