@@ -15,7 +15,8 @@ from .generate import GenerationResponse, check_max_tokens, stream as _stream
 from .manifest import Manifest
 from .reasoning import ReasoningSplitter, check_thinking
 from .constrain import Constraint, json_schema_grammar
-from .sampling import check_penalty, check_settings, make_logits_processors, make_sampler
+from .sampling import (check_min_tokens, check_penalty, check_settings, make_logits_processors, make_sampler,
+                       suppress_until)
 from .select import Choice, select
 from .speculate import check_speculate, make_speculator
 from .tokenizer import Tokenizer
@@ -52,14 +53,17 @@ class Model:
     def _gen(self, prompt_ids: list[int], *, max_tokens: int = 256, temperature: float = 0.0, top_k: int = 0,
              top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float | None = None,
              seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False, speculate=None,
-             json_schema=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0
-             ) -> Iterator[GenerationResponse]:
+             json_schema=None, presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+             min_tokens: int = 0) -> Iterator[GenerationResponse]:
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         speculator = make_speculator(self, speculate, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, seed=seed)
         procs = make_logits_processors(repetition_penalty, presence_penalty=presence_penalty,
                                        frequency_penalty=frequency_penalty, prompt_len=len(prompt_ids))
-        stop_ids = frozenset() if ignore_eos else frozenset(self.manifest.stop_ids) | self.tokenizer.stop_ids
+        stops = frozenset(self.manifest.stop_ids) | self.tokenizer.stop_ids
+        if min_tokens:  # the stop tokens cannot be drawn before min_tokens (vLLM's min_tokens)
+            procs.append(suppress_until(stops, min_tokens, start=len(prompt_ids)))
+        stop_ids = frozenset() if ignore_eos else stops
         if json_schema is not None:  # constrained decoding (edgephi/constrain.py): the answer parses and validates
             procs.append(self.constraint(json_schema_grammar(json_schema), start=len(prompt_ids)))
         generated: list[int] = []
@@ -82,14 +86,16 @@ class Model:
     def _check(self, kwargs: dict) -> None:
         """Refuse bad settings when the call is made, not at the first token (and before a chat turn is recorded)."""
         check_max_tokens(kwargs.get("max_tokens", 256))
+        check_min_tokens(kwargs.get("min_tokens", 0), kwargs.get("max_tokens", 256))
         check_settings(kwargs.get("temperature", 0.0), kwargs.get("top_k", 0), kwargs.get("top_p", 1.0),
                        kwargs.get("min_p", 0.0), kwargs.get("repetition_penalty"))
         check_speculate(kwargs.get("speculate"))  # None, "ngram" or a draft bundle (edgephi/speculate.py)
         for name in ("presence_penalty", "frequency_penalty"):
             check_penalty(name, kwargs.get(name, 0.0))
         if kwargs.get("json_schema") is not None:
-            if kwargs.get("ignore_eos"):
-                raise ValueError("json_schema ends the answer on a stop token: it cannot be used with ignore_eos")
+            for key in ("ignore_eos", "min_tokens"):
+                if kwargs.get(key):
+                    raise ValueError(f"json_schema ends the answer on a stop token: it cannot be used with {key}")
             self.constraint(json_schema_grammar(kwargs["json_schema"]), start=0)  # compiles: errors raise here
 
     # ---- public API ------------------------------------------------------------------------------------------

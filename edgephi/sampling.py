@@ -117,6 +117,31 @@ def check_penalty(name: str, value) -> None:
         raise ValueError(f"{name}={value!r}: must be a number in [-2, 2] (0 switches it off)")
 
 
+def check_min_tokens(min_tokens, max_tokens=None) -> None:
+    """min_tokens: a whole number >= 0, at most max_tokens (vLLM's rule)."""
+    if isinstance(min_tokens, bool) or not isinstance(min_tokens, (int, np.integer)) or min_tokens < 0:
+        raise ValueError(f"min_tokens={min_tokens!r}: must be a whole number >= 0")
+    if max_tokens is not None and min_tokens > max_tokens:
+        raise ValueError(f"min_tokens={min_tokens}: must be <= max_tokens ({max_tokens})")
+
+
+def suppress_until(ids, min_tokens: int, start: int = 0) -> LogitsProcessor:
+    """`ids` (the stop tokens) cannot be drawn until min_tokens tokens follow the first `start`: vLLM's min_tokens,
+    transformers' min_new_tokens, onnxruntime-genai's min_length, llama.cpp's --ignore-eos (there for the whole
+    answer).  Stateless, so drafts may be judged with it."""
+    check_min_tokens(min_tokens)
+    ids = np.asarray(sorted(ids), dtype=np.int64)
+
+    def process(tokens: Sequence[int], logits: np.ndarray) -> np.ndarray:
+        if len(tokens) - start >= min_tokens:
+            return logits
+        logits = logits.copy()
+        logits[ids[ids < logits.shape[-1]]] = -np.inf
+        return logits
+
+    return process
+
+
 def presence_frequency_penalty(presence: float = 0.0, frequency: float = 0.0, start: int = 0) -> LogitsProcessor:
     """OpenAI's penalties: logits[j] -= frequency × count[j] + presence × (count[j] > 0), count[j] being how often
     token j was generated so far (tokens[start:], after the prompt).  Stateless, so drafts may be judged with it."""

@@ -130,6 +130,12 @@ def test_completions_equal_the_python_api(bundle, api):
     parts = [c.choices[0].text for c in api.completions.create(model="m", prompt="def fibonacci(n):", max_tokens=20,
                                                                 temperature=0, stream=True) if c.choices]
     assert "".join(parts) == expected
+    ends = api.completions.create(model="m", prompt="import os\n", max_tokens=30, temperature=0)
+    assert ends.choices[0].finish_reason == "stop" and ends.usage.completion_tokens < 30  # the premise
+    held = api.completions.create(model="m", prompt="import os\n", max_tokens=30, temperature=0,
+                                  extra_body={"min_tokens": 30})  # vLLM's field: the stop tokens are held back
+    assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 30
+    assert held.choices[0].text.startswith(ends.choices[0].text)
 
 
 def test_follow_up_turn_evaluates_only_its_new_tokens(server, api):
@@ -355,6 +361,8 @@ def test_api_key_limits_and_malformed_requests(bundle):
             ({**ok, "max_tokens": 0}, "max_tokens"), ({**ok, "n": 2}, "n"), ({**ok, "top_p": 0}, "top_p"),
             ({**ok, "logprobs": True, "top_logprobs": 9}, "top_logprobs"), ({**ok, "stop": ["a"] * 5}, "stop"),
             ({**ok, "presence_penalty": 3}, "presence_penalty"), ({**ok, "seed": 1.5}, "seed"),
+            ({**ok, "max_tokens": 4, "min_tokens": 5}, "min_tokens"), ({**ok, "min_tokens": -1}, "min_tokens"),
+            ({**ok, "min_tokens": 2, "response_format": {"type": "json_object"}}, "min_tokens"),
             ({**ok, "stream_options": {"include_usage": True}}, "stream_options"),
             ({**ok, "response_format": {"type": "xml"}}, "response_format.type"),
             ({**ok, "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}}},

@@ -242,19 +242,24 @@ class ToyBackend:
     name, format = "toy", "onnx"
 
 
+WORDS = [450, 4799, 1701, 29879, 26024, 975, 278, 17366]
+
+
+class WordSession(TableSession):
+    """A looping model over ordinary Phi-3 pieces."""
+
+    def __init__(self):
+        super().__init__(len(WORDS), loop=True)
+        self.vocab = 32064
+
+    def row(self, tokens):
+        out = np.full(32064, -10.0, np.float32)
+        out[WORDS] = super().row([WORDS.index(t) if t in WORDS else 0 for t in tokens[-2:]])
+        return out
+
+
 def test_stream_reports_drafted_and_accepted_and_chat_keeps_a_consistent_cache(tok):
-    words = [450, 4799, 1701, 29879, 26024, 975, 278, 17366]
-
-    class WordSession(TableSession):  # a looping model over ordinary Phi-3 pieces
-        def __init__(self):
-            super().__init__(len(words), loop=True)
-            self.vocab = 32064
-
-        def row(self, tokens):
-            out = np.full(32064, -10.0, np.float32)
-            out[words] = super().row([words.index(t) if t in words else 0 for t in tokens[-2:]])
-            return out
-
+    words = WORDS
     session = WordSession()
     manifest = type("M", (), {"stop_ids": [words[3]], "spec": None})()
     model = Model("toy", manifest=manifest, choice=Choice(ToyBackend, "cpu"), session=session, tokenizer=tok)
@@ -282,3 +287,35 @@ def test_bench_tables_compare_each_engine_with_its_own_plain_run():
     md = "\n".join(tasks_markdown(rows, ["edit"]))
     assert "**1.30×** the best peer's speculation" in md and "edgephi onnx 2.60×" in md
     assert "| onnxruntime-genai | own | 200 | NO" in md  # its speculation changed its greedy tokens
+    assert "NOT comparable: onnxruntime-genai (own speculation)" in md
+    rows[2]["tasks"]["edit"]["tokens"] = [1, 4]  # the peer's plain run wrote another text than edgephi on its file
+    md = "\n".join(tasks_markdown(rows, ["edit"]))
+    assert "| onnxruntime-genai | none | 150 | NO" in md and "onnxruntime-genai (plain)" in md
+
+
+def test_min_tokens_holds_back_the_stop_tokens_with_and_without_speculation(tok):
+    """min_tokens (vLLM's; onnxruntime-genai's min_length, llama.cpp's --ignore-eos): the stop tokens cannot be
+    drawn before it, so every engine of benchmarks/bench_speculate.py generates the same text."""
+    words = WORDS
+    manifest = type("M", (), {"stop_ids": [], "spec": None})()
+    model = Model("toy", manifest=manifest, choice=Choice(ToyBackend, "cpu"), session=WordSession(), tokenizer=tok)
+    prompt = [1] + words[:3] * 3
+    free = [r.token for r in model.stream(prompt, max_tokens=40, ignore_eos=True)]
+    at = next(i for i in range(6, 40) if free[i] not in free[:i])  # the stop token: first drawn at `at` > 5
+    stop = free[at]
+    manifest.stop_ids = [stop]
+
+    def tokens(**kw):
+        rs = list(model.stream(prompt, max_tokens=40, **kw))
+        return [r.token for r in rs if r.token is not None], rs[-1].finish_reason
+
+    assert tokens() == (free[:at], "stop")  # (the stop token itself is not part of the answer)
+    assert tokens(min_tokens=at) == (free[:at], "stop")  # held back only before position `at`
+    held, finish = tokens(min_tokens=40)
+    assert len(held) == 40 and stop not in held and finish == "length" and held[:at] == free[:at]
+    assert tokens(min_tokens=40, speculate="ngram") == (held, "length")
+    for bad, rule in ((-1, ">= 0"), (True, ">= 0"), (1.5, ">= 0"), (41, "<= max_tokens")):
+        with pytest.raises(ValueError, match=f"min_tokens={bad!r}: .*{rule}"):
+            model.generate(prompt, max_tokens=40, min_tokens=bad)
+    with pytest.raises(ValueError, match="min_tokens"):
+        model.generate(prompt, min_tokens=3, json_schema={"type": "object"})

@@ -36,6 +36,11 @@ STATIC = Path(__file__).resolve().parent / "static"
 SSE_PING_S = 15
 
 
+def _no_min_tokens(s: P.Sampling, param: str) -> None:
+    if s.min_tokens:
+        raise P.bad("min_tokens", f"cannot be combined with {param}: its grammar ends the answer on a stop token")
+
+
 @dataclass
 class Limits:
     max_body: int = 4 << 20  # bytes of one request body
@@ -124,6 +129,7 @@ class Server:
         except ValueError as e:
             raise P.bad("response_format" if schema is not None else "tools", str(e)) from None
         s.grammar = self._grammar(g, "response_format" if schema is not None else "tools")
+        _no_min_tokens(s, "response_format" if schema is not None else "tools")
         try:
             text = self.tokenizer.apply_chat_template(render_messages(msgs, tools, self.fmt, self.tool_role),
                                                       add_generation_prompt=True, tokenize=False)
@@ -170,6 +176,7 @@ class Server:
                 s.grammar = self._grammar(json_schema_grammar(schema), "response_format")
             except ValueError as e:
                 raise P.bad("response_format", str(e)) from None
+            _no_min_tokens(s, "response_format")
         shown = (text if text is not None else self.tokenizer.decode(ids)) if echo else ""
         return Job(ids, text, s), CompletionOutput(self.model_id, self.texts, logprobs=s.logprobs, echo=shown,
                                                    include_usage=s.include_usage)

@@ -91,6 +91,7 @@ class Sampling:
     repetition_penalty: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    min_tokens: int = 0  # vLLM's: the stop tokens cannot be drawn before this many tokens
     seed: int | None = None
     stop: tuple[str, ...] = ()
     stream: bool = False
@@ -119,6 +120,7 @@ def sampling(body: dict, *, default_max_tokens: int | None) -> Sampling:
         presence_penalty=_number(body, "presence_penalty", 0.0, *PENALTY),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, *PENALTY),
         seed=_integer(body, "seed", None, -(2 ** 63), 2 ** 64 - 1),
+        min_tokens=_integer(body, "min_tokens", 0, 0, max_tokens),
         stop=_stop(body),
         stream=_bool(body, "stream", False),
     )

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..backends.base import ContextFullError
 from ..generate import common_prefix, stream
-from ..sampling import make_logits_processors, make_sampler
+from ..sampling import make_logits_processors, make_sampler, suppress_until
 from ..speculate import make_speculator
 from .params import APIError, Sampling
 
@@ -201,6 +201,8 @@ class Pool:
                                        frequency_penalty=s.frequency_penalty, prompt_len=len(ids))
         if s.logit_bias:
             procs.append(_bias(s.logit_bias))
+        if s.min_tokens:
+            procs.append(suppress_until(self.stop_ids, s.min_tokens, start=len(ids)))
         seen: list[np.ndarray] = []
         if s.logprobs is not None:  # the model's own distribution, before penalties and the grammar's mask
             procs.insert(0, lambda tokens, logits: (seen.append(logits), logits)[1])
