@@ -11,7 +11,9 @@ tasks:   verify  (edgephi): cost of one forward of 1 + k tokens after a context,
 runners: edgephi (edgephi.load, --format), llamacpp (llama-cpp-python on the same .gguf; speculation: its
          LlamaPromptLookupDecoding), genai (onnxruntime-genai 0.18 on the same onnx/ folder; speculation: its
          n-gram speculative decoding, set_speculative_options(ngram_size, max_draft_tokens)).
-Timed sections contain only the engine's work; EOS is ignored (min_length / max_tokens).
+Timed sections contain only the engine's work.  In tasks the stop tokens cannot be drawn (edgephi's min_tokens,
+onnxruntime-genai's min_length, a logits processor in llama.cpp), so all engines write the same text; elsewhere EOS
+is ignored.
 """
 from __future__ import annotations
 
@@ -40,7 +42,7 @@ def edgephi_engine(a):
         model.session.rewind(0)  # from an empty cache, as the peers (reset) do
         model._cached = []
         last, toks = None, []
-        for r in model.stream(ids, max_tokens=n, ignore_eos=True, speculate="ngram" if spec else None, **kw):
+        for r in model.stream(ids, max_tokens=n, min_tokens=n, speculate="ngram" if spec else None, **kw):
             if r.token is not None:
                 toks.append(r.token)
             last = r
@@ -61,6 +63,11 @@ def llamacpp_engine(a):
         kw[k] = int(v) if v.isdigit() else v
     plain = Llama(model_path=a.path, **kw)
     spec = None
+    stops = np.asarray(a.stop_ids, dtype=np.int64)
+
+    def hold(_ids, scores):  # the stop tokens cannot be drawn (llama.cpp's --ignore-eos; edgephi's min_tokens)
+        scores[stops] = -np.inf
+        return scores
 
     def gen(ids, n, use_spec):
         nonlocal spec
@@ -72,7 +79,8 @@ def llamacpp_engine(a):
         llm.reset()
         toks, t0 = [], time.perf_counter()
         t1 = None
-        for tok in llm.generate(ids, top_k=1, temp=0.0, min_p=0.0, top_p=1.0, reset=True):
+        for tok in llm.generate(ids, top_k=1, temp=0.0, min_p=0.0, top_p=1.0, reset=True,
+                                logits_processor=llama_cpp.LogitsProcessorList([hold]) if len(stops) else None):
             if t1 is None:
                 t1 = time.perf_counter()
             toks.append(int(tok))
@@ -302,6 +310,9 @@ def main(argv=None) -> int:
     ap.add_argument("--k-max", type=int, default=16)
     ap.add_argument("--misses", default="0,0.1,0.25,0.5,1")
     ap.add_argument("--cache-file", default=None)
+    ap.add_argument("--stop-ids", type=lambda v: [int(x) for x in v.split(",") if x], default=[],
+                    help="tasks, llamacpp: token ids it may not draw (edgephi holds its own with min_tokens, "
+                         "onnxruntime-genai its genai_config eos_token_id with min_length)")
     ap.add_argument("--genai-ngram", type=int, default=3)
     ap.add_argument("--genai-k", type=int, default=8)
     ap.add_argument("--vocab-lo", type=int, default=3)
