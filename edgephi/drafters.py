@@ -31,34 +31,35 @@ class AdaptiveK:
         self._backoff = 1
         self.cost: dict[int, float] = {}  # forward of n tokens -> seconds (moving average)
         self.rate = 0.8  # acceptance per draft token (moving average)
+        self._curve: np.ndarray | None = None  # _c(1 ..) from cost, rebuilt after an observation
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         old = self.cost.get(n_tokens)
         self.cost[n_tokens] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self._curve = None
 
     def _c(self, n: int) -> float:
         """Estimated seconds of a forward of n tokens: measured, else a line through the nearest measured ones
         (flat beyond them until a longer call is measured: optimistic, so that longer drafts get tried)."""
-        if n in self.cost:
-            return self.cost[n]
-        lo = max((m for m in self.cost if m < n), default=None)
-        hi = min((m for m in self.cost if m > n), default=None)
-        if lo is None:
-            return self.cost[hi]
-        if hi is None:
-            return self.cost[lo]
-        return self.cost[lo] + (self.cost[hi] - self.cost[lo]) * (n - lo) / (hi - lo)
+        return float(self._costs(n)[n - 1])
+
+    def _costs(self, n: int) -> np.ndarray:
+        """_c(1 .. n) as an array (np.interp: linear between measured lengths, flat beyond them)."""
+        if self._curve is None or len(self._curve) < n:
+            xs = sorted(self.cost)
+            self._curve = np.interp(np.arange(1, max(n, self.k_max + 1) + 1), xs, [self.cost[x] for x in xs])
+        return self._curve[:n]
 
     def best_k(self, k: int) -> int:
         """The draft length <= k with the most expected tokens per second of verifying."""
         if 1 not in self.cost:
             return k
+        if k < 1:
+            return 0
         p = min(self.rate, 0.999)
-
-        def speed(j: int) -> float:  # expected tokens of a round with j drafts / its forward's seconds
-            return (1 - p ** (j + 1)) / (1 - p) / self._c(j + 1)
-
-        return max(range(1, k + 1), key=speed) if k >= 1 else 0
+        j = np.arange(1, k + 1)  # expected tokens of a round with j drafts / its forward's seconds
+        speed = (1 - p ** (j + 1)) / (1 - p) / self._costs(k + 1)[1:]
+        return int(np.argmax(speed)) + 1
 
     def next_k(self) -> int:
         if self._pause > 0 or (self.cost and 1 not in self.cost):  # (one plain step measures a single token)

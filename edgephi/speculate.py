@@ -93,6 +93,12 @@ class Speculator:
 
     def _judge(self, tokens: list[int], drafts: list[int], q, rows: np.ndarray, processors) -> list[tuple]:
         """(token, processed logits) of the round: accepted drafts, then the target's own token."""
+        if self.greedy and not processors:  # the argmax of every row at once
+            best = np.argmax(rows[:len(drafts) + 1], axis=-1).tolist()
+            m = 0
+            while m < len(drafts) and best[m] == drafts[m]:
+                m += 1
+            return [(best[i], rows[i]) for i in range(m + 1)]
         out: list[tuple] = []
         ctx = list(tokens)
         for i in range(len(drafts) + 1):

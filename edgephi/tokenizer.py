@@ -253,8 +253,11 @@ class Tokenizer:
 
     def is_byte_token(self, i: int) -> bool:
         """True for a byte-fallback piece (``<0xE2>``)."""
-        piece = self.id_to_token(i)
-        return piece is not None and _BYTE_PIECE.match(piece) is not None
+        known = self.__dict__.setdefault("_byte_token", {})  # asked once per generated token: remembered
+        if i not in known:
+            piece = self.id_to_token(i)
+            known[i] = piece is not None and _BYTE_PIECE.match(piece) is not None
+        return known[i]
 
     def detokenizer(self, skip_special_tokens: bool = False) -> "StreamingDetokenizer":
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
@@ -394,4 +397,11 @@ class StreamingDetokenizer:
 
     def _decode(self, ids) -> str:
         # skipped ids never enter self.ids, so the kept special tokens decode with skipping off
-        return self._tok.decode(ids, skip_special_tokens=self._skip and not self._keep)
+        skip = self._skip and not self._keep
+        if len(ids) != 1:
+            return self._tok.decode(ids, skip_special_tokens=skip)
+        one = self._tok.__dict__.setdefault("_decode_one", {})  # the window after an emit is one token, mostly
+        key = (ids[0], skip)
+        if key not in one:
+            one[key] = self._tok.decode(ids, skip_special_tokens=skip)
+        return one[key]
