@@ -155,7 +155,7 @@ def cmd_tasks(args) -> None:
     for rnd in range(args.rounds):
         for name, spec, a in rotate(runs, rnd):
             r = worker("tasks", *a, "--prompts", str(prompts), "--gen", str(args.gen), "--threads", str(args.threads),
-                       "--stop-ids", stops, *(["--spec"] if spec else []))
+                       "--stop-ids", stops, "--reps", str(args.reps), *(["--spec"] if spec else []))
             rows.append({"subject": name, "spec": spec, "round": rnd, **r})
     md = tasks_markdown(rows, list(task_prompts(args.bundle)))
     save(args, "tasks", info, rows, md)
@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--context", type=int, default=128)
+    ap.add_argument("--reps", type=int, default=9, help="tasks: runs of each prompt per worker (their median)")
     ap.add_argument("--n-ctx", type=int, default=4096)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     ap.add_argument("--only", default=None, help="memory: comma-separated subject indices")
