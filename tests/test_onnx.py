@@ -85,9 +85,18 @@ def test_rewind_and_all_logits_equal_full_recompute(tiny_checkpoint, reference_m
     s.forward(tiny.random_prompt(20, 32064, seed=9))  # junk that the rewind drops
     s.rewind(30)
     assert rel_err(s.forward(prompt[30:], all_logits=True), full[30:]) <= 1e-3
-    assert s.n_evaluated == 50 + 20 + 50
+    assert s.n_evaluated == 50 + 20 + 50  # (the 50: prompt[:50], then prompt[30:] after the rewind)
     with pytest.raises(ContextFullError):
         s.forward(list(range(100, 120)))
+    # short calls write their logits into one reused buffer: what a call returned must not change after the next
+    s.rewind(40)
+    rows = s.forward(prompt[40:43], all_logits=True)
+    last = s.forward(prompt[43:44])
+    kept = rows.copy(), last.copy()
+    s.forward(prompt[44:47], all_logits=True)
+    s.forward(prompt[47:48])
+    assert np.array_equal(rows, kept[0]) and np.array_equal(last, kept[1])
+    assert rel_err(rows, full[40:43]) <= 1e-3 and rel_err(last[None], full[43:44]) <= 1e-3
     s.reset()
     assert s.n_past == 0
 

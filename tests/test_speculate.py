@@ -279,13 +279,14 @@ def test_bench_tables_compare_each_engine_with_its_own_plain_run():
     from edgephi.benchmarks.bench_speculate import tasks_markdown
 
     def row(subject, spec, tps, toks):
-        return {"subject": subject, "spec": spec, "tasks": {"edit": {"decode_tps": tps, "tokens": toks,
+        return {"subject": subject, "spec": spec, "round": 0, "tasks": {"edit": {"decode_tps": tps, "tokens": toks,
                                                                      "drafted": 9, "accepted": 8}}}
 
     rows = [row("edgephi onnx", False, 100.0, [1, 2]), row("edgephi onnx", True, 260.0, [1, 2]),
             row("onnxruntime-genai", False, 150.0, [1, 2]), row("onnxruntime-genai", True, 200.0, [1, 3])]
     md = "\n".join(tasks_markdown(rows, ["edit"]))
     assert "**1.30×** the best peer's speculation" in md and "edgephi onnx 2.60×" in md
+    assert "within each round: median 1.30×" in md
     assert "| onnxruntime-genai | own | 200 | NO" in md  # its speculation changed its greedy tokens
     assert "NOT comparable: onnxruntime-genai (own speculation)" in md
     rows[2]["tasks"]["edit"]["tokens"] = [1, 4]  # the peer's plain run wrote another text than edgephi on its file

@@ -45,6 +45,9 @@ class Session(ABC):
     def check_ids(self, ids: Sequence[int], vocab_size: int | None) -> np.ndarray:
         """ids as int64 (T,), or ValueError: none given, not whole numbers, or outside 0..vocab_size-1 (an id past
         the embedding table would otherwise wrap around or read past it, depending on the backend)."""
+        if type(ids) is list and ids and vocab_size is not None and \
+                all(type(i) is int and 0 <= i < vocab_size for i in ids):  # a decode step's few ids: checked here
+            return np.array(ids, dtype=np.int64)
         arr = np.asarray(ids)
         if arr.size == 0:
             raise ValueError("forward: no token ids given")

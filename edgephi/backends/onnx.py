@@ -37,6 +37,7 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "cpu": ("CPUExecutionProvider",),
 }
 # where onnxruntime places the cache for each provider: OrtValue device name
+LOGITS_ROWS = 32  # calls of up to this many tokens write their logits into one preallocated buffer
 CACHE_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
@@ -236,6 +237,18 @@ class OnnxSession(Session):
                 self.io.bind_ortvalue_output(fmt.PRESENT[kind] % i, buf)
         self.n_past = 0
         self.n_evaluated = 0
+        self._logits = self._logits_buffer(dev)
+
+    def _logits_buffer(self, dev: str):
+        """A CPU buffer the logits of calls up to LOGITS_ROWS tokens are written into (decode and verify steps): no
+        output allocated per call, no OrtValue wrappers read back.  None (ORT allocates) where the graph's logits
+        are not a static-width float tensor on the CPU."""
+        out = next((o for o in self.sess.get_outputs() if o.name == fmt.LOGITS), None)
+        dtype = {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(getattr(out, "type", None))
+        width = out.shape[-1] if out is not None and out.shape else None
+        if dev != "cpu" or dtype is None or not isinstance(width, int):
+            return None
+        return np.empty((1, LOGITS_ROWS, width), dtype), {}
 
     def forward(self, ids: Sequence[int], all_logits: bool = False) -> np.ndarray:
         ids = self.check_ids(ids, self.vocab).reshape(1, -1)  # (1, T)
@@ -273,6 +286,17 @@ class OnnxSession(Session):
         self.io.bind_cpu_input(fmt.INPUT_IDS, ids)
         # only the mask's length matters: GQA takes positions and valid lengths from it (no padding, batch 1)
         self.io.bind_cpu_input(fmt.ATTENTION_MASK, np.ones((1, self.n_past - self.offset + t), np.int64))
+        if self._logits is not None and t <= LOGITS_ROWS:
+            import onnxruntime as ort
+
+            buf, views = self._logits
+            if t not in views:  # the first t rows of the buffer are contiguous: ORT writes the (1, t, V) result there
+                views[t] = ort.OrtValue.ortvalue_from_numpy(buf[:, :t])
+            self.io.bind_ortvalue_output(fmt.LOGITS, views[t])
+            self.sess.run_with_iobinding(self.io)
+            self.n_past += t
+            self.n_evaluated += t
+            return buf[0, :t].copy() if all_logits else buf[0, t - 1].copy()  # the next call writes it again
         self.io.bind_output(fmt.LOGITS)
         self.sess.run_with_iobinding(self.io)
         logits = self.io.get_outputs()[0].numpy()  # (1, T, V)
