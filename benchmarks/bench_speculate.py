@@ -255,7 +255,10 @@ def cmd_memory(args) -> None:
                 ("edgephi gguf q8_0 + kv_ring, mmap on", ep + ["--format", "gguf", "--load-option", "kv_type=q8_0",
                                                               "--load-option", "kv_ring=1", "--load-option", "mmap=on"]),
                 ("llama.cpp (f16), no mmap", ["--runner", "llamacpp", "--path", str(f["gguf"]), "--load-option",
-                                              "use_mmap=0"])]
+                                              "use_mmap=0"]),
+                ("edgephi onnx kv_type=int8", ep + ["--format", "onnx", "--load-option", "kv_type=int8"]),
+                ("edgephi onnx int8 + kv_ring", ep + ["--format", "onnx", "--load-option", "kv_type=int8",
+                                                     "--load-option", "kv_ring=1"])]
     only = set(args.only.split(",")) if args.only else None
     partial = Path(args.out or RESULTS) / ".spec_memory_partial.jsonl"  # one row per finished subject
     done = {}

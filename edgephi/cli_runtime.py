@@ -14,8 +14,9 @@ def add_runtime_flags(p) -> None:
                    help="load the prompt's saved KV state from FILE if it exists (refused unless saved from this "
                         "bundle and format), else save it there after evaluating the prompt (chat: the --system "
                         "prompt)")
-    p.add_argument("--kv-type", default=None, choices=["f16", "q8_0", "f32"],
-                   help="KV cache element type: q8_0 halves the gguf format's cache (llama.cpp); onnx keeps f32")
+    p.add_argument("--kv-type", default=None, choices=["f16", "q8_0", "f32", "int8"],
+                   help="KV cache element type: q8_0 halves the gguf format's cache (llama.cpp); int8 quarters the "
+                        "onnx format's float32 cache on the CPU (scales calibrated at load)")
     p.add_argument("--kv-ring", action="store_true",
                    help="sliding-window models keep only the window's keys (memory stops growing past it); "
                         "rewinds beyond the window recompute")

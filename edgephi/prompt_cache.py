@@ -56,6 +56,9 @@ def _cpu_view(value, shape, dtype=np.float32) -> np.ndarray:
 class OnnxState:
     @staticmethod
     def layout(s) -> dict:
+        if getattr(s, "kv_type", "f32") != "f32":
+            raise PromptCacheError("prompt caches of the onnx backend hold a float32 cache; this session's is "
+                                   f"kv_type={s.kv_type!r} (its scales are calibrated at load)")
         return {"layers": s.n_layers, "kv_heads": s.n_kv, "head_dim": s.head_dim, "dtype": "float32",
                 "ring": getattr(s, "ring_capacity", None)}
 

@@ -245,6 +245,13 @@ class Tokenizer:
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self._b.decode([int(i) for i in ids], skip_special_tokens)
 
+    def decode_one(self, i: int, skip_special_tokens: bool = False) -> str:
+        """decode([i]), remembered per id (the streaming detokenizer's window is one token after each emit)."""
+        one, key = self.__dict__.setdefault("_one", {}), (i, skip_special_tokens)
+        if key not in one:
+            one[key] = self.decode([i], skip_special_tokens)
+        return one[key]
+
     def id_to_token(self, i: int) -> str | None:
         return self._b.id_to_token(int(i))
 
@@ -252,14 +259,17 @@ class Tokenizer:
         return self._b.token_to_id(s)
 
     def is_byte_token(self, i: int) -> bool:
-        """True for a byte-fallback piece (``<0xE2>``)."""
-        known = self.__dict__.setdefault("_byte_token", {})  # asked once per generated token: remembered
+        """True for a byte-fallback piece (``<0xE2>``); remembered per id (asked once per generated token)."""
+        known = self.__dict__.setdefault("_byte_ids", {})
         if i not in known:
             piece = self.id_to_token(i)
             known[i] = piece is not None and _BYTE_PIECE.match(piece) is not None
         return known[i]
 
-    def detokenizer(self, skip_special_tokens: bool = False) -> "StreamingDetokenizer":
+    def detokenizer(self, skip_special_tokens: bool = False):
+        """A StreamingDetokenizer (edgephi/detokenize.py): incremental decoding for streamed tokens."""
+        from .detokenize import StreamingDetokenizer
+
         return StreamingDetokenizer(self, skip_special_tokens=skip_special_tokens)
 
     # ------------------------------------------------------------------------------------------ chat
@@ -333,75 +343,3 @@ def _find_template(config: dict, path: Path) -> str | None:
     if tpl is not None and not isinstance(tpl, str):
         raise ValueError(f"{path}/tokenizer_config.json: chat_template must be a string, got {type(tpl).__name__}")
     return tpl
-
-
-class StreamingDetokenizer:
-    """Incremental decoding: ``add(id)`` returns the newly completed text, ``flush()`` the rest; the pieces
-    concatenate to exactly ``tokenizer.decode(ids)``.
-
-    Keeps the ids and decodes a short window (prefix offset .. end, as text-generation-inference does), so
-    SentencePiece's leading-space rule and byte-level merges behave as in a full decode. Text is held back
-    while it ends in U+FFFD (an incomplete UTF-8 sequence) or the last token is a byte-fallback piece (a
-    following byte piece may still change how the run decodes).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = False):
-        self._tok = tokenizer
-        self._skip = skip_special_tokens
-        self._keep = getattr(tokenizer, "reasoning_ids", frozenset()) if skip_special_tokens else frozenset()
-        self.reset()
-
-    def reset(self) -> None:
-        self.ids: list[int] = []
-        self._prefix = 0  # start of the decode window
-        self._read = 0  # ids before this have been emitted
-        self._prefix_text = ""  # decode(ids[_prefix:_read])
-        self._segments: list[str] = []
-
-    @property
-    def text(self) -> str:
-        """Everything returned so far."""
-        return "".join(self._segments)
-
-    def add(self, token_id: int) -> str:
-        token_id = int(token_id)
-        if self._skip and token_id in self._tok.special_ids and token_id not in self._keep:
-            return ""  # skipped tokens vanish from decode(skip_special_tokens=True) before its decoder runs
-        self.ids.append(token_id)
-        if self._tok.is_byte_token(token_id):
-            return ""
-        new = self._decode(self.ids[self._prefix:])
-        if len(new) <= len(self._prefix_text) or new.endswith("\ufffd") or not new.startswith(self._prefix_text):
-            return ""
-        return self._emit(new)
-
-    def flush(self) -> str:
-        """The text still held back (call once the stream ends)."""
-        if self._read == len(self.ids):
-            return ""
-        new = self._decode(self.ids[self._prefix:])
-        if not new.startswith(self._prefix_text):  # cannot happen with the decoders above; stay exact anyway
-            full = self._decode(self.ids)
-            out = full[len(self.text):]
-            self._segments.append(out)
-            self._prefix, self._read, self._prefix_text = len(self.ids), len(self.ids), ""
-            return out
-        return self._emit(new)
-
-    def _emit(self, new: str) -> str:
-        out = new[len(self._prefix_text):]
-        self._prefix, self._read = self._read, len(self.ids)
-        self._prefix_text = self._decode(self.ids[self._prefix:self._read])
-        self._segments.append(out)
-        return out
-
-    def _decode(self, ids) -> str:
-        # skipped ids never enter self.ids, so the kept special tokens decode with skipping off
-        skip = self._skip and not self._keep
-        if len(ids) != 1:
-            return self._tok.decode(ids, skip_special_tokens=skip)
-        one = self._tok.__dict__.setdefault("_decode_one", {})  # the window after an emit is one token, mostly
-        key = (ids[0], skip)
-        if key not in one:
-            one[key] = self._tok.decode(ids, skip_special_tokens=skip)
-        return one[key]

@@ -17,6 +17,8 @@ from spec_bundles import load, tiny_bundles  # noqa: F401 - the fixture
 
 ONNX_TOL, GGUF_TOL = 1e-3, 0.02  # 16-bit bundle on the float32 ONNX graph; test_gguf.py's fp16 tolerance
 Q8_TOL = 0.05  # q8_0 keys and values: measured 3.3% of the largest logit on the tiny Phi-3-mini-4k
+INT8_TOL = 0.1  # onnxruntime's int8 cache, one static scale per channel: measured 4.5-6.9% on tiny random models
+INT8_REAL_TOL = 0.03  # the same on the built-in model's trained weights: measured 0.8%
 LONG = "phi-3-mini-4k-long"
 
 
@@ -91,8 +93,30 @@ def test_onnx_ring_prompt_cache_and_refusals(tiny_bundles, tmp_path):
         again.close()
     with pytest.raises(ValueError, match="layout"):  # a ring's state does not fit a full cache
         load(path, "onnx", prompt_cache=tmp_path / "ring.kv")
-    with pytest.raises(ValueError, match="float32 cache"):
+    with pytest.raises(ValueError, match="kv_type='q8_0'; allowed: 'f32', 'int8'"):
         load(path, "onnx", kv_type="q8_0")
+
+
+@pytest.mark.parametrize("variant, opts", [("phi-3-mini-4k", {}), ("phi-3-mini-4k", {"kv_ring": 20}),
+                                           ("phi-3-mini-128k", {}), ("phi-4-mini", {})])
+def test_onnx_int8_cache_against_transformers(variant, opts, tiny_bundles, tiny_checkpoint, reference_model, tmp_path):
+    """onnxruntime's 8-bit cache with scales calibrated at load (onnx_int8.py): plain, in the ring (keys rotated
+    back in float and quantized again), LongRoPE past its switch, partial rotary (Phi-4-mini)."""
+    n = 100 if opts else 70  # past the ring (68) and past the 128k variant's switch (64)
+    prompt = tiny.random_prompt(n - 30, 32064, seed=6)
+    ref_toks, ref_logits = tiny.reference_greedy(reference_model(tiny_checkpoint(variant)), prompt, 30)
+    path = tiny_bundles(variant)
+    model = load(path, "onnx", kv_type="int8", **opts)
+    try:
+        s = model.session
+        assert s.kv_type == "int8" and all(a.dtype == np.int8 for a in s._arrays)
+        check(forced(s, prompt, ref_toks), ref_logits, INT8_TOL)
+        if opts:
+            assert s._ring.shifts > 0
+        with pytest.raises(ValueError, match="float32 cache"):  # a prompt cache holds float32 K and V
+            model.save_prompt_cache(tmp_path / "x.kv", prompt)
+    finally:
+        model.close()
 
 
 def test_llamacpp_ring_and_q8_0_against_transformers(long_bundle, reference_model):
@@ -114,6 +138,22 @@ def test_llamacpp_ring_and_q8_0_against_transformers(long_bundle, reference_mode
         finally:
             model.close()
     assert sizes["q8_0"] < 0.6 * sizes["f16"]  # 8.5 bits a value instead of 16
+
+
+def test_onnx_int8_cache_on_the_built_in_model(tiny_bundle, reference_model):
+    """Real (trained) weights: the calibrated scales fit real text much better than random checkpoints' values."""
+    from edgephi.default_model import DATA
+
+    model = load(tiny_bundle("default"), "onnx", kv_type="int8")
+    try:
+        prompt = model.encode('def mean(values):\n    """Return the arithmetic mean of values."""\n')
+        ref_toks, ref_logits = tiny.reference_greedy(reference_model(DATA), prompt, 40)
+        check(forced(model.session, prompt, ref_toks), ref_logits, INT8_REAL_TOL)
+        model.session.reset()
+        assert [r.token for r in model.stream(prompt, max_tokens=40, ignore_eos=True) if r.token is not None] \
+            == list(ref_toks)  # greedy decoding on the 8-bit cache writes transformers' 40 tokens
+    finally:
+        model.close()
 
 
 @pytest.mark.parametrize("variant", ["phi-3-mini-4k", "phi-3-medium"])

@@ -37,6 +37,7 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "cpu": ("CPUExecutionProvider",),
 }
 # where onnxruntime places the cache for each provider: OrtValue device name
+KV_TYPES = (None, "f32", "int8")
 LOGITS_ROWS = 32  # calls of up to this many tokens write their logits into one preallocated buffer
 CACHE_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
@@ -202,7 +203,7 @@ def _tensors(graph):
 class OnnxSession(Session):
     def __init__(self, model_dir: Path, provider: str = "CPUExecutionProvider", n_ctx: int | None = None,
                  threads: int | None = None, cache_optimized: bool = True, model_file: str | None = None,
-                 ring=None):
+                 ring=None, kv_scales: list[np.ndarray] | None = None):
         import onnxruntime as ort
 
         cfg = fmt.read_genai_config(model_dir)
@@ -212,7 +213,14 @@ class OnnxSession(Session):
             raise FileNotFoundError(f"{model_path}: model file named by {fmt.GENAI_CONFIG} is missing")
         self.n_ctx = check_n_ctx(n_ctx, cfg.context_length, "onnx backend")
         self.provider = provider
-        self.sess = make_session(model_path, provider, threads, cache_optimized)
+        if kv_scales is None:
+            self.sess = make_session(model_path, provider, threads, cache_optimized)
+        else:  # an int8 cache with calibrated scales (onnx_int8.py): its graph is made here, not cached
+            from .onnx_int8 import make_int8_session
+
+            self.sess = make_int8_session(model_path, kv_scales, provider, threads)
+        self.kv_type, self.kv_scales = ("int8", kv_scales) if kv_scales is not None else ("f32", None)
+        kv_dtype = np.int8 if kv_scales is not None else np.float32
         self.vocab = cfg.vocab_size
         dev = CACHE_DEVICE.get(provider, "cpu")
         self._ring = ring if ring is not None and ring.capacity < self.n_ctx else None  # kv_ring: onnx_ring.py
@@ -228,10 +236,10 @@ class OnnxSession(Session):
         for i in range(self.n_layers):
             for kind in ("key", "value"):
                 if dev == "cpu":
-                    self._arrays.append(np.zeros(shape, np.float32))
+                    self._arrays.append(np.zeros(shape, kv_dtype))
                     buf = ort.OrtValue.ortvalue_from_numpy(self._arrays[-1])
                 else:
-                    buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.float32, dev, 0)
+                    buf = ort.OrtValue.ortvalue_from_shape_and_type(shape, kv_dtype, dev, 0)
                 self._cache.append(buf)
                 self.io.bind_ortvalue_input(fmt.PAST[kind] % i, buf)
                 self.io.bind_ortvalue_output(fmt.PRESENT[kind] % i, buf)
@@ -260,7 +268,7 @@ class OnnxSession(Session):
                 used = self.n_past - self._ring.offset
                 room = self._ring.capacity - min(used, self._ring.window - 1 + self._ring.reserve)
                 piece = t - done if used + t - done <= self._ring.capacity else min(t - done, room)
-                self._ring.make_room(self.n_past, piece, self._arrays)
+                self._ring.make_room(self.n_past, piece, self._arrays, self.kv_scales)
                 out.append(self._run(ids[:, done:done + piece], all_logits))
                 done += piece
             return np.concatenate(out) if all_logits else out[-1]
@@ -343,7 +351,7 @@ class OnnxBackend(Backend):
         """options: n_ctx (cache length, default edgephi.formats.default_n_ctx), threads (default physical cores),
         provider (an onnxruntime execution provider name overriding the device's), cache_optimized (True),
         kv_ring (False: True, or a slack in positions, bounds a sliding-window model's cache: onnx_ring.py),
-        kv_type ("f32" only)."""
+        kv_type ("f32", or "int8": onnxruntime's 8-bit cache with calibrated scales, onnx_int8.py; CPU only)."""
         from ..devices import probe
 
         entry = f"{fmt.FORMAT}/{fmt.MODEL_FILE}"
@@ -359,12 +367,24 @@ class OnnxBackend(Backend):
                                  f"(onnxruntime has {', '.join(have)}); devices: {', '.join(cls.devices)}")
         known = {"n_ctx", "threads", "cache_optimized"}
         kv_type, kv_ring = options.pop("kv_type", None), options.pop("kv_ring", False)
-        if kv_type not in (None, "f32"):
-            raise ValueError(f"onnx backend: kv_type={kv_type!r}; it keeps a float32 cache (onnxruntime's "
-                             "GroupQueryAttention has no 8-bit one): the gguf format has kv_type='q8_0'")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"onnx backend: kv_type={kv_type!r}; allowed: {', '.join(map(repr, KV_TYPES[1:]))} "
+                             "(the gguf format has llama.cpp's 'q8_0')")
+        if kv_type == "int8" and provider != "CPUExecutionProvider":
+            raise ValueError(f"onnx backend: kv_type='int8' runs on the CPU (onnxruntime's 8-bit cache in "
+                             f"GroupQueryAttention); not on {provider}")
         unknown = sorted(set(options) - known)
         if unknown:
             raise ValueError(f"onnx backend: unknown option(s) {', '.join(unknown)}; allowed: "
                              f"{', '.join(sorted(known | {'provider', 'kv_type', 'kv_ring'}))}")
-        ring = ring_for(getattr(manifest, "spec", None), kv_ring)  # kv_ring: onnx_ring.py
-        return OnnxSession(model_path.parent, provider, model_file=model_path.name, ring=ring, **options)
+        spec = getattr(manifest, "spec", None)
+        ring = ring_for(spec, kv_ring)  # kv_ring: onnx_ring.py
+        scales = None
+        if kv_type == "int8":
+            from .onnx_int8 import calibrated_scales
+
+            scales = calibrated_scales(Path(bundle_dir), model_path, provider, spec, options.get("threads"),
+                                       options.get("cache_optimized", True))
+        return OnnxSession(model_path.parent, provider, model_file=model_path.name, ring=ring, kv_scales=scales,
+                           **options)
+

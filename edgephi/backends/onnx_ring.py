@@ -38,9 +38,10 @@ class ShiftRing:
     def reusable(self, n: int) -> int:
         return n if n == 0 or max(0, n - self.window + 1) >= self.offset else 0
 
-    def make_room(self, n_past: int, t: int, buffers: list[np.ndarray]) -> None:
+    def make_room(self, n_past: int, t: int, buffers: list[np.ndarray], scales=None) -> None:
         """Before evaluating t tokens at n_past: shift so that index n_past - offset + t fits the capacity.
-        buffers: each layer's key then value, (1, n_kv, capacity, hd) views of the session's cache."""
+        buffers: each layer's key then value, (1, n_kv, capacity, hd) views of the session's cache; scales: an int8
+        cache's per-channel scales (onnx_int8.py), keys rotated in float and quantized again."""
         used = n_past - self.offset
         if used + t <= self.capacity:
             return
@@ -52,10 +53,14 @@ class ShiftRing:
         for i, buf in enumerate(buffers):
             src = buf[:, :, d:d + keep]
             if i % 2 == 0:  # keys: rotate by -d on the rotary dims (non-interleaved halves, as do_rotary)
+                sc = scales[i].reshape(1, buf.shape[1], 1, buf.shape[3]) if scales is not None else None
+                src = src * sc if sc is not None else src
                 x1, x2 = src[..., :h].copy(), src[..., h:2 * h].copy()
                 moved = src.copy()
                 moved[..., :h] = x1 * cos - x2 * sin
                 moved[..., h:2 * h] = x2 * cos + x1 * sin
+                if sc is not None:  # (a key pair's scales are equal: a rotation keeps it in range)
+                    moved = np.clip(np.rint(moved / sc), -127, 127).astype(np.int8)
             else:
                 moved = src.copy()
             buf[:, :, :keep] = moved
