@@ -100,7 +100,13 @@ def make_int8_session(model_path: Path, scales: list[np.ndarray], provider: str,
     so = _session_options(threads, None)
     so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(model_path.parent))
     providers = [provider] + (["CPUExecutionProvider"] if provider != "CPUExecutionProvider" else [])
-    return ort.InferenceSession(int8_model(model_path, scales), so, providers=providers)
+    try:
+        return ort.InferenceSession(int8_model(model_path, scales), so, providers=providers)
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises its own Fail/InvalidGraph types
+        if type(e).__name__ not in ("Fail", "InvalidGraph", "InvalidArgument", "NotImplemented"):
+            raise
+        raise ValueError(f"{model_path}: kv_type='int8' needs onnxruntime's 8-bit GroupQueryAttention cache; "
+                         f"onnxruntime {ort.__version__} refused the graph ({' '.join(str(e).split())[:200]})") from e
 
 
 def calibrated_scales(bundle_dir: Path, model_path: Path, provider: str, spec, threads, cache_optimized):
