@@ -30,6 +30,9 @@ def check_generation(args) -> None:
     """The generation flags of run and chat; the prompt, system message and stop strings must be valid UTF-8."""
     if args.max_tokens < 1:
         raise ValueError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    min_tokens = getattr(args, "min_tokens", 0) or 0
+    if not 0 <= min_tokens <= args.max_tokens:
+        raise ValueError(f"--min-tokens {min_tokens}: must be between 0 and --max-tokens ({args.max_tokens})")
     ctx = getattr(args, "ctx", None)
     if ctx is not None and ctx < 1:
         raise ValueError(f"--ctx {ctx}: must be >= 1 (leave it out for the model's default)")

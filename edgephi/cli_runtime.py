@@ -1,5 +1,5 @@
-"""CLI flags of `run` and `chat` for speculative decoding, prompt caches and KV memory (the API's keyword arguments:
-speculate=, prompt_cache= / Model.save_prompt_cache, kv_type=, kv_ring=)."""
+"""CLI flags of `run` and `chat` for speculative decoding, prompt caches, KV memory and min_tokens (the API's keyword
+arguments: speculate=, prompt_cache= / Model.save_prompt_cache, kv_type=, kv_ring=, min_tokens=)."""
 from __future__ import annotations
 
 import sys
@@ -17,6 +17,8 @@ def add_runtime_flags(p) -> None:
     p.add_argument("--kv-type", default=None, choices=["f16", "q8_0", "f32", "int8"],
                    help="KV cache element type: q8_0 halves the gguf format's cache (llama.cpp); int8 quarters the "
                         "onnx format's float32 cache on the CPU (scales calibrated at load)")
+    p.add_argument("--min-tokens", type=int, default=0, metavar="N",
+                   help="the stop tokens cannot end the answer before N tokens (vLLM's min_tokens)")
     p.add_argument("--kv-ring", action="store_true",
                    help="sliding-window models keep only the window's keys (memory stops growing past it); "
                         "rewinds beyond the window recompute")
@@ -34,7 +36,10 @@ def load_options(args) -> dict:
 
 
 def gen_options(args) -> dict:
-    return {"speculate": args.speculate} if getattr(args, "speculate", None) else {}
+    opts = {"speculate": args.speculate} if getattr(args, "speculate", None) else {}
+    if getattr(args, "min_tokens", 0):
+        opts["min_tokens"] = args.min_tokens
+    return opts
 
 
 def prepare_prompt_cache(model, args, prompt: str | None, raw: bool) -> None:

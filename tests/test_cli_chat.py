@@ -108,3 +108,19 @@ def test_run_prompt_longer_than_context_fails_in_one_line(bundle):
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "context" in lines[0] and "Traceback" not in r.stderr
+
+
+def test_run_min_tokens_holds_the_stop_tokens_back(bundle):
+    out, env = bundle
+
+    def run(*extra):  # -v prints the stats line (and would print a traceback)
+        return subprocess.run([EDGEPHI, "run", str(out), "--raw", "-p", "import os\n", "--max-tokens", "30", *extra],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    free, held = run("-v"), run("-v", "--min-tokens", "30")
+    assert free.returncode == 0 and held.returncode == 0, held.stderr
+    assert STATS.search(free.stderr).group(3) == "stop" and int(STATS.search(free.stderr).group(1)) < 30  # premise
+    m = STATS.search(held.stderr)
+    assert m.group(3) == "length" and int(m.group(1)) == 30 and held.stdout.startswith(free.stdout.rstrip("\n"))
+    bad = run("--min-tokens", "31")
+    assert bad.returncode == 1 and "--min-tokens 31" in bad.stderr and "Traceback" not in bad.stderr
