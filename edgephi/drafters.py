@@ -31,20 +31,16 @@ class AdaptiveK:
         self._backoff = 1
         self.cost: dict[int, float] = {}  # forward of n tokens -> seconds (moving average)
         self.rate = 0.8  # acceptance per draft token (moving average)
-        self._curve: np.ndarray | None = None  # _c(1 ..) from cost, rebuilt after an observation
+        self._curve: np.ndarray | None = None  # _costs() from cost, rebuilt after an observation
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         old = self.cost.get(n_tokens)
         self.cost[n_tokens] = seconds if old is None else 0.7 * old + 0.3 * seconds
         self._curve = None
 
-    def _c(self, n: int) -> float:
-        """Estimated seconds of a forward of n tokens: measured, else a line through the nearest measured ones
-        (flat beyond them until a longer call is measured: optimistic, so that longer drafts get tried)."""
-        return float(self._costs(n)[n - 1])
-
     def _costs(self, n: int) -> np.ndarray:
-        """_c(1 .. n) as an array (np.interp: linear between measured lengths, flat beyond them)."""
+        """Estimated seconds of a forward of 1 .. n tokens: measured, else a line through the nearest measured ones
+        (np.interp; flat beyond them until a longer call is measured: optimistic, so that longer drafts get tried)."""
         if self._curve is None or len(self._curve) < n:
             xs = sorted(self.cost)
             self._curve = np.interp(np.arange(1, max(n, self.k_max + 1) + 1), xs, [self.cost[x] for x in xs])

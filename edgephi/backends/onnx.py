@@ -36,9 +36,9 @@ PROVIDERS: dict[str, tuple[str, ...]] = {
     "cuda": ("CUDAExecutionProvider",),
     "cpu": ("CPUExecutionProvider",),
 }
-# where onnxruntime places the cache for each provider: OrtValue device name
 KV_TYPES = (None, "f32", "int8")
 LOGITS_ROWS = 32  # calls of up to this many tokens write their logits into one preallocated buffer
+# where onnxruntime places the cache for each provider: OrtValue device name
 CACHE_DEVICE = {"CUDAExecutionProvider": "cuda", "CPUExecutionProvider": "cpu"}
 
 
@@ -302,15 +302,15 @@ class OnnxSession(Session):
                 views[t] = ort.OrtValue.ortvalue_from_numpy(buf[:, :t])
             self.io.bind_ortvalue_output(fmt.LOGITS, views[t])
             self.sess.run_with_iobinding(self.io)
-            self.n_past += t
-            self.n_evaluated += t
-            return buf[0, :t].copy() if all_logits else buf[0, t - 1].copy()  # the next call writes it again
-        self.io.bind_output(fmt.LOGITS)
-        self.sess.run_with_iobinding(self.io)
-        logits = self.io.get_outputs()[0].numpy()  # (1, T, V)
+            logits, reused = buf[:, :t], True
+        else:
+            self.io.bind_output(fmt.LOGITS)
+            self.sess.run_with_iobinding(self.io)
+            logits, reused = self.io.get_outputs()[0].numpy(), False  # (1, T, V)
         self.n_past += t
         self.n_evaluated += t
-        return logits[0] if all_logits else logits[0, -1]
+        out = logits[0] if all_logits else logits[0, -1]
+        return out.copy() if reused else out  # the next call writes the buffer again
 
     def rewind(self, n: int) -> None:
         if not 0 <= n <= self.n_past:

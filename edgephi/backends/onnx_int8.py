@@ -48,7 +48,6 @@ def calibrate(arrays: list[np.ndarray], n: int, rotary_dim: int) -> list[np.ndar
         if i % 2 == 0 and rotary_dim:
             h = rotary_dim // 2
             pair = np.sqrt(x[..., :h] ** 2 + x[..., h:2 * h] ** 2)
-            x = x.copy()
             x[..., :h] = x[..., h:2 * h] = pair
         top = x.max(axis=1)  # (n_kv, hd)
         top = np.maximum(top, max(float(top.max()) * 1e-3, 1e-6))  # a channel that stayed ~0: still a usable scale
