@@ -320,3 +320,18 @@ def test_min_tokens_holds_back_the_stop_tokens_with_and_without_speculation(tok)
             model.generate(prompt, max_tokens=40, min_tokens=bad)
     with pytest.raises(ValueError, match="min_tokens"):
         model.generate(prompt, min_tokens=3, json_schema={"type": "object"})
+
+
+def test_verify_cost_check_times_and_splits_a_verify_forward(tiny_bundle, capsys):
+    """benchmarks/verify_cost_check.py: forwards of 1 and 17 tokens timed, the 17-token ones split by operator."""
+    import re
+
+    from edgephi.benchmarks import verify_cost_check
+
+    assert verify_cost_check.main([str(tiny_bundle("default") / "onnx"), "--rounds", "2", "--threads", "1"]) == 0
+    timing, ops = capsys.readouterr().out.strip().splitlines()
+    t1, t17, ratio, speed = (float(x) for x in re.search(
+        r"1 token ([\d.]+) ms, 17 tokens ([\d.]+) ms = ([\d.]+)x one token; .* runs at ([\d.]+)x plain", timing).groups())
+    assert t1 > 0 and t17 > 0 and abs(speed * ratio - 17) < 0.2
+    shares = [float(x) for x in re.findall(r"\(([\d.]+)%\)", ops)]
+    assert ops.startswith("17-token forward by operator") and "MatMul" in ops and 0 < sum(shares) <= 100.1
