@@ -1,4 +1,4 @@
-"""Where a verification forward's time goes on this CPU: why decode at 100% acceptance stays under 3x plain.
+"""Where a verification forward's time goes: the ceiling of decode at 100% acceptance on this device.
 
 Speculation at 100% acceptance with k drafts runs (k + 1) x t(1) / t(k + 1) times as fast as plain decoding, so 3x
 at k = 16 needs a 17-token forward to cost at most 5.67 one-token forwards.  This check times an ONNX bundle's
