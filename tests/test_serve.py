@@ -136,6 +136,10 @@ def test_completions_equal_the_python_api(bundle, api):
                                   extra_body={"min_tokens": 30})  # vLLM's field: the stop tokens are held back
     assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 30
     assert held.choices[0].text.startswith(ends.choices[0].text)
+    msgs = [{"role": "user", "content": "import os"}]  # chat too: min_tokens without a grammar is no conflict
+    chat = api.chat.completions.create(model="m", messages=msgs, max_tokens=30, temperature=0,
+                                       extra_body={"min_tokens": 30})
+    assert chat.choices[0].finish_reason == "length" and chat.usage.completion_tokens == 30
 
 
 def test_follow_up_turn_evaluates_only_its_new_tokens(server, api):

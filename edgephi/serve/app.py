@@ -36,11 +36,6 @@ STATIC = Path(__file__).resolve().parent / "static"
 SSE_PING_S = 15
 
 
-def _no_min_tokens(s: P.Sampling, param: str) -> None:
-    if s.min_tokens:
-        raise P.bad("min_tokens", f"cannot be combined with {param}: its grammar ends the answer on a stop token")
-
-
 @dataclass
 class Limits:
     max_body: int = 4 << 20  # bytes of one request body
@@ -107,13 +102,18 @@ class Server:
             raise P.APIError(400, f"the prompt has {len(ids)} tokens; the context holds {self.n_ctx} (leave room "
                              "for at least one token of answer)", param=param, code="context_length_exceeded")
 
-    def _grammar(self, grammar: str | None, param: str) -> str | None:
+    def _constrain(self, s: P.Sampling, grammar: str | None, param: str) -> None:
+        """s.grammar = grammar (None: unconstrained), refused with a 400 naming `param` where llguidance cannot
+        compile it, or naming min_tokens where that is set (a grammar ends the answer on a stop token)."""
         if grammar is not None:
             try:
                 self.model.constraint(grammar, start=0)  # compiles it: a schema llguidance refuses is a 400
             except ValueError as e:
                 raise P.bad(param, str(e)) from None
-        return grammar
+            if s.min_tokens:
+                raise P.bad("min_tokens", f"cannot be combined with {param}: its grammar ends the answer on a stop "
+                                          "token")
+        s.grammar = grammar
 
     # ---- request preparation (in a worker thread: templates and tokenizers are CPU work) ---------------------
     def prepare_chat(self, body: dict) -> tuple[Job, ChatOutput]:
@@ -128,8 +128,7 @@ class Server:
             g = json_schema_grammar(schema) if schema is not None else tool_grammar(tools, self.fmt)
         except ValueError as e:
             raise P.bad("response_format" if schema is not None else "tools", str(e)) from None
-        s.grammar = self._grammar(g, "response_format" if schema is not None else "tools")
-        _no_min_tokens(s, "response_format" if schema is not None else "tools")
+        self._constrain(s, g, "response_format" if schema is not None else "tools")
         try:
             text = self.tokenizer.apply_chat_template(render_messages(msgs, tools, self.fmt, self.tool_role),
                                                       add_generation_prompt=True, tokenize=False)
@@ -173,10 +172,10 @@ class Server:
         schema = P.response_format(body)
         if schema is not None:
             try:
-                s.grammar = self._grammar(json_schema_grammar(schema), "response_format")
+                g = json_schema_grammar(schema)
             except ValueError as e:
                 raise P.bad("response_format", str(e)) from None
-            _no_min_tokens(s, "response_format")
+            self._constrain(s, g, "response_format")
         shown = (text if text is not None else self.tokenizer.decode(ids)) if echo else ""
         return Job(ids, text, s), CompletionOutput(self.model_id, self.texts, logprobs=s.logprobs, echo=shown,
                                                    include_usage=s.include_usage)
