@@ -15,8 +15,7 @@ from .generate import GenerationResponse, check_max_tokens, stream as _stream
 from .manifest import Manifest
 from .reasoning import ReasoningSplitter, check_thinking
 from .constrain import Constraint, json_schema_grammar
-from .sampling import (check_min_tokens, check_penalty, check_settings, make_logits_processors, make_sampler,
-                       suppress_until)
+from .sampling import check_min_tokens, check_penalty, check_settings, make_logits_processors, make_sampler
 from .select import Choice, select
 from .speculate import check_speculate, make_speculator
 from .tokenizer import Tokenizer
@@ -58,11 +57,10 @@ class Model:
         sampler = make_sampler(temperature, top_k, top_p, min_p, seed)
         speculator = make_speculator(self, speculate, temperature=temperature, top_k=top_k, top_p=top_p,
                                      min_p=min_p, seed=seed)
-        procs = make_logits_processors(repetition_penalty, presence_penalty=presence_penalty,
-                                       frequency_penalty=frequency_penalty, prompt_len=len(prompt_ids))
         stops = frozenset(self.manifest.stop_ids) | self.tokenizer.stop_ids
-        if min_tokens:  # the stop tokens cannot be drawn before min_tokens (vLLM's min_tokens)
-            procs.append(suppress_until(stops, min_tokens, start=len(prompt_ids)))
+        procs = make_logits_processors(repetition_penalty, presence_penalty=presence_penalty,
+                                       frequency_penalty=frequency_penalty, prompt_len=len(prompt_ids),
+                                       min_tokens=min_tokens, stop_ids=stops)  # (vLLM's min_tokens)
         stop_ids = frozenset() if ignore_eos else stops
         if json_schema is not None:  # constrained decoding (edgephi/constrain.py): the answer parses and validates
             procs.append(self.constraint(json_schema_grammar(json_schema), start=len(prompt_ids)))

@@ -162,13 +162,16 @@ def presence_frequency_penalty(presence: float = 0.0, frequency: float = 0.0, st
 
 def make_logits_processors(repetition_penalty_value: float | None = None,
                            repetition_context_size: int = 64, presence_penalty: float = 0.0,
-                           frequency_penalty: float = 0.0, prompt_len: int = 0) -> list[LogitsProcessor]:
+                           frequency_penalty: float = 0.0, prompt_len: int = 0, min_tokens: int = 0,
+                           stop_ids=()) -> list[LogitsProcessor]:
     """The processors for these settings (none when all are off); the OpenAI penalties count the tokens after
-    prompt_len."""
+    prompt_len, and min_tokens holds stop_ids back for that many tokens after it."""
     check_settings(repetition_penalty=repetition_penalty_value)
     procs = []
     if repetition_penalty_value is not None and repetition_penalty_value != 1.0:
         procs.append(repetition_penalty(repetition_penalty_value, repetition_context_size))
     if presence_penalty or frequency_penalty:
         procs.append(presence_frequency_penalty(presence_penalty, frequency_penalty, prompt_len))
+    if min_tokens:
+        procs.append(suppress_until(stop_ids, min_tokens, start=prompt_len))
     return procs

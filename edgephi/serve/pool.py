@@ -19,7 +19,7 @@ import numpy as np
 
 from ..backends.base import ContextFullError
 from ..generate import common_prefix, stream
-from ..sampling import make_logits_processors, make_sampler, suppress_until
+from ..sampling import make_logits_processors, make_sampler
 from ..speculate import make_speculator
 from .params import APIError, Sampling
 
@@ -198,11 +198,10 @@ class Pool:
             return False
         max_tokens = room if s.max_tokens is None else min(s.max_tokens, room)
         procs = make_logits_processors(s.repetition_penalty, presence_penalty=s.presence_penalty,
-                                       frequency_penalty=s.frequency_penalty, prompt_len=len(ids))
-        if s.logit_bias:
+                                       frequency_penalty=s.frequency_penalty, prompt_len=len(ids),
+                                       min_tokens=s.min_tokens, stop_ids=self.stop_ids)
+        if s.logit_bias:  # (after min_tokens' mask: a finite bias leaves a held-back stop token at -inf)
             procs.append(_bias(s.logit_bias))
-        if s.min_tokens:
-            procs.append(suppress_until(self.stop_ids, s.min_tokens, start=len(ids)))
         seen: list[np.ndarray] = []
         if s.logprobs is not None:  # the model's own distribution, before penalties and the grammar's mask
             procs.insert(0, lambda tokens, logits: (seen.append(logits), logits)[1])
