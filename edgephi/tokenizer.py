@@ -169,6 +169,8 @@ class Tokenizer:
 
     def __init__(self, backend, config: dict, generation_config: dict, path: Path):
         self._b = backend
+        self._one: dict[tuple[int, bool], str] = {}  # decode_one's remembered pieces
+        self._byte_ids: dict[int, bool] = {}  # is_byte_token's answers
         self.path = path
         self.config = config
         self.backend = backend.name
@@ -247,10 +249,10 @@ class Tokenizer:
 
     def decode_one(self, i: int, skip_special_tokens: bool = False) -> str:
         """decode([i]), remembered per id (the streaming detokenizer's window is one token after each emit)."""
-        one, key = self.__dict__.setdefault("_one", {}), (i, skip_special_tokens)
-        if key not in one:
-            one[key] = self.decode([i], skip_special_tokens)
-        return one[key]
+        key = (i, skip_special_tokens)
+        if key not in self._one:
+            self._one[key] = self.decode([i], skip_special_tokens)
+        return self._one[key]
 
     def id_to_token(self, i: int) -> str | None:
         return self._b.id_to_token(int(i))
@@ -260,11 +262,10 @@ class Tokenizer:
 
     def is_byte_token(self, i: int) -> bool:
         """True for a byte-fallback piece (``<0xE2>``); remembered per id (asked once per generated token)."""
-        known = self.__dict__.setdefault("_byte_ids", {})
-        if i not in known:
+        if i not in self._byte_ids:
             piece = self.id_to_token(i)
-            known[i] = piece is not None and _BYTE_PIECE.match(piece) is not None
-        return known[i]
+            self._byte_ids[i] = piece is not None and _BYTE_PIECE.match(piece) is not None
+        return self._byte_ids[i]
 
     def detokenizer(self, skip_special_tokens: bool = False):
         """A StreamingDetokenizer (edgephi/detokenize.py): incremental decoding for streamed tokens."""
